@@ -1,0 +1,326 @@
+//! Control and head messages, sent as JSON text frames.
+
+use serde::{Deserialize, Serialize};
+
+use crate::HeaderList;
+
+/// Why a text frame could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The frame is larger than [`MAX_CONTROL_LEN`](crate::MAX_CONTROL_LEN).
+    #[error("control message of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    /// The frame is not a valid control message.
+    #[error("malformed control message: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
+/// HTTP version of the caller's request, as the local app should see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HttpVersion {
+    /// HTTP/1.0
+    #[serde(rename = "HTTP/1.0")]
+    Http10,
+    /// HTTP/1.1
+    #[serde(rename = "HTTP/1.1")]
+    Http11,
+    /// HTTP/2
+    #[serde(rename = "HTTP/2")]
+    Http2,
+    /// HTTP/3
+    #[serde(rename = "HTTP/3")]
+    Http3,
+}
+
+/// The head of a request the relay received, sent to the client to forward.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestHead {
+    /// Stream carrying this exchange.
+    pub stream: u32,
+    /// Method, exactly as received (`POST`, `PROPFIND`, …).
+    pub method: String,
+    /// Path and query below the session, exactly as received (`/a/b?x=1`); always starts with `/`.
+    pub target: String,
+    /// The caller's HTTP version.
+    pub version: HttpVersion,
+    /// Request headers, hop-by-hop ones removed and `X-Forwarded-*` added by the relay.
+    pub headers: HeaderList,
+    /// Whether a body follows as data frames. When false the request has no body at all.
+    #[serde(default)]
+    pub has_body: bool,
+}
+
+/// The head of the local app's response, sent by the client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResponseHead {
+    /// Stream carrying this exchange.
+    pub stream: u32,
+    /// Status code, 100–999.
+    pub status: u16,
+    /// Response headers, hop-by-hop ones removed.
+    pub headers: HeaderList,
+    /// Whether a body follows as data frames.
+    #[serde(default)]
+    pub has_body: bool,
+}
+
+/// Resume an earlier session (random ids included) after a reconnect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    /// The session id from [`Control::Welcome`].
+    pub session: String,
+    /// The secret from [`Control::Welcome`].
+    pub secret: String,
+}
+
+/// Machine-readable reason carried by [`Control::Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The requested session name is not valid.
+    InvalidName,
+    /// The requested name belongs to another token.
+    NameTaken,
+    /// The resume secret did not match, or the session is gone.
+    ResumeFailed,
+    /// A newer connection of the same owner took this session over.
+    TakenOver,
+    /// The peer broke the protocol.
+    ProtocolError,
+    /// The relay is shutting down.
+    ShuttingDown,
+    /// The relay has no room for another session.
+    Overloaded,
+    /// A code this build does not know (sent by a newer peer).
+    #[serde(other)]
+    Unknown,
+}
+
+/// A message sent as a JSON text frame. Tagged by `"type"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Control {
+    /// Client → relay, first message: which session to open or resume.
+    Hello {
+        /// [`PROTOCOL_VERSION`](crate::PROTOCOL_VERSION) of the client.
+        version: u32,
+        /// Client software and version, for logs (`ferry/0.1.0`).
+        agent: String,
+        /// A session name to claim (or take back).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        /// A random session to resume.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume: Option<Resume>,
+    },
+    /// Relay → client, answer to `Hello`: the session is live.
+    Welcome {
+        /// Session id: the name asked for, or a random id.
+        session: String,
+        /// Public URL of the session.
+        url: String,
+        /// Secret to resume this session after a reconnect.
+        resume_secret: String,
+        /// Relay software and version, for logs.
+        agent: String,
+    },
+    /// Relay → client: a request to forward.
+    RequestHead(RequestHead),
+    /// Client → relay: the local app's response head.
+    ResponseHead(ResponseHead),
+    /// Either way: `increment` more units of credit on `stream` (see [`flow`](crate::flow)).
+    Window {
+        /// Stream the credit is for.
+        stream: u32,
+        /// Units granted.
+        increment: u32,
+    },
+    /// Either way: abort one stream; the others carry on.
+    Cancel {
+        /// Stream to abort.
+        stream: u32,
+        /// Why, for logs and error pages.
+        reason: String,
+    },
+    /// Either way: a connection-level error; the sender closes the connection after it.
+    Error {
+        /// What went wrong.
+        code: ErrorCode,
+        /// A sentence a person can act on.
+        message: String,
+    },
+}
+
+impl Control {
+    /// Encodes the message as JSON text.
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).expect("control messages always serialize")
+    }
+
+    /// Decodes a JSON text frame.
+    pub fn decode(text: &str) -> Result<Control, ControlError> {
+        if text.len() > crate::MAX_CONTROL_LEN {
+            return Err(ControlError::TooLarge(text.len()));
+        }
+        Ok(serde_json::from_str(text)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn wire_shape_is_stable() {
+        let msg = Control::Window {
+            stream: 7,
+            increment: 1024,
+        };
+        assert_eq!(
+            msg.encode(),
+            r#"{"type":"window","stream":7,"increment":1024}"#
+        );
+        let head = Control::RequestHead(RequestHead {
+            stream: 1,
+            method: "POST".into(),
+            target: "/a/b?x=1".into(),
+            version: HttpVersion::Http11,
+            headers: [("x-a", "1")].into_iter().collect(),
+            has_body: true,
+        });
+        assert_eq!(
+            head.encode(),
+            r#"{"type":"request_head","stream":1,"method":"POST","target":"/a/b?x=1","version":"HTTP/1.1","headers":[["x-a","1"]],"has_body":true}"#
+        );
+    }
+
+    #[test]
+    fn unknown_fields_and_codes_are_tolerated() {
+        let msg =
+            Control::decode(r#"{"type":"error","code":"from_the_future","message":"m","extra":1}"#)
+                .unwrap();
+        assert_eq!(
+            msg,
+            Control::Error {
+                code: ErrorCode::Unknown,
+                message: "m".into()
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_is_an_error() {
+        for bad in [
+            "",
+            "{",
+            "null",
+            r#"{"type":"nope"}"#,
+            r#"{"type":"window","stream":-1,"increment":1}"#,
+            r#"{"type":"window","stream":1}"#,
+            r#"{"type":"response_head","stream":1,"status":70000,"headers":[]}"#,
+        ] {
+            assert!(Control::decode(bad).is_err(), "{bad}");
+        }
+        let huge = format!(
+            r#"{{"type":"cancel","stream":1,"reason":"{}"}}"#,
+            "x".repeat(crate::MAX_CONTROL_LEN)
+        );
+        assert!(matches!(
+            Control::decode(&huge),
+            Err(ControlError::TooLarge(_))
+        ));
+    }
+
+    fn arb_headers() -> impl Strategy<Value = HeaderList> {
+        proptest::collection::vec(
+            (
+                "[a-z-]{1,12}",
+                proptest::collection::vec(any::<u8>(), 0..16),
+            ),
+            0..6,
+        )
+        .prop_map(|v| v.into_iter().collect())
+    }
+
+    fn arb_control() -> impl Strategy<Value = Control> {
+        prop_oneof![
+            (
+                any::<u32>(),
+                ".*",
+                proptest::option::of("[a-z0-9-]{3,20}"),
+                proptest::option::of((".*", ".*"))
+            )
+                .prop_map(|(version, agent, name, resume)| Control::Hello {
+                    version,
+                    agent,
+                    name,
+                    resume: resume.map(|(session, secret)| Resume { session, secret }),
+                }),
+            (".*", ".*", ".*", ".*").prop_map(|(session, url, resume_secret, agent)| {
+                Control::Welcome {
+                    session,
+                    url,
+                    resume_secret,
+                    agent,
+                }
+            }),
+            (
+                any::<u32>(),
+                "[A-Z]{1,10}",
+                "/.*",
+                arb_headers(),
+                any::<bool>()
+            )
+                .prop_map(|(stream, method, target, headers, has_body)| {
+                    Control::RequestHead(RequestHead {
+                        stream,
+                        method,
+                        target,
+                        version: HttpVersion::Http2,
+                        headers,
+                        has_body,
+                    })
+                }),
+            (any::<u32>(), 100u16..1000, arb_headers(), any::<bool>()).prop_map(
+                |(stream, status, headers, has_body)| Control::ResponseHead(ResponseHead {
+                    stream,
+                    status,
+                    headers,
+                    has_body,
+                })
+            ),
+            (any::<u32>(), any::<u32>())
+                .prop_map(|(stream, increment)| Control::Window { stream, increment }),
+            (any::<u32>(), ".*").prop_map(|(stream, reason)| Control::Cancel { stream, reason }),
+            ".*".prop_map(|message| Control::Error {
+                code: ErrorCode::NameTaken,
+                message
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn round_trips(msg in arb_control()) {
+            prop_assert_eq!(Control::decode(&msg.encode()).unwrap(), msg);
+        }
+
+        #[test]
+        fn never_panics_on_garbage(text in ".*") {
+            let _ = Control::decode(&text);
+        }
+
+        #[test]
+        fn never_panics_on_mutated_messages(msg in arb_control(), cut in any::<usize>(), byte in any::<u8>()) {
+            let mut text = msg.encode().into_bytes();
+            if !text.is_empty() {
+                let at = cut % text.len();
+                text[at] = byte;
+            }
+            if let Ok(text) = std::str::from_utf8(&text) {
+                let _ = Control::decode(text);
+            }
+        }
+    }
+}
