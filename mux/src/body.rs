@@ -1,0 +1,112 @@
+//! [`TunnelBody`]: the bytes a peer sends on one stream, as an HTTP body.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use ferry_protocol::flow::{frame_cost, WINDOW_UPDATE_THRESHOLD};
+use ferry_protocol::Control;
+use http_body::{Frame, SizeHint};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::PollSender;
+
+use crate::stream::{Inbound, Slot, StreamGuard};
+
+/// Why a [`TunnelBody`] ended early.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("body aborted: {0}")]
+pub struct BodyError(pub String);
+
+/// A stream's incoming body. Each chunk handed out returns its flow-control credit to the peer,
+/// so the peer can never have more than one window of data waiting here.
+pub struct TunnelBody {
+    rx: mpsc::Receiver<Inbound>,
+    slot: Arc<Slot>,
+    out: PollSender<Message>,
+    unreturned: u32,
+    done: bool,
+    guard: Option<StreamGuard>,
+}
+
+impl TunnelBody {
+    pub(crate) fn new(rx: mpsc::Receiver<Inbound>, slot: Arc<Slot>, out: mpsc::Sender<Message>) -> Self {
+        TunnelBody {
+            rx,
+            slot,
+            out: PollSender::new(out),
+            unreturned: 0,
+            done: false,
+            guard: None,
+        }
+    }
+
+    /// Keeps `guard` alive for as long as this body, so the stream stays open until the body has
+    /// been read to its end or dropped.
+    pub fn with_guard(mut self, guard: StreamGuard) -> Self {
+        self.guard = Some(guard);
+        self
+    }
+
+    fn poll_return_credit(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.unreturned < WINDOW_UPDATE_THRESHOLD {
+            return Poll::Ready(());
+        }
+        match ready!(self.out.poll_reserve(cx)) {
+            Ok(()) => {
+                let msg = Control::Window {
+                    stream: self.slot.id,
+                    increment: self.unreturned,
+                };
+                let _ = self.out.send_item(Message::text(msg.encode()));
+                self.slot.credit_returned(self.unreturned);
+            }
+            Err(_) => {} // connection gone: nobody to return credit to
+        }
+        self.unreturned = 0;
+        Poll::Ready(())
+    }
+}
+
+impl http_body::Body for TunnelBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        ready!(this.poll_return_credit(cx));
+        match ready!(this.rx.poll_recv(cx)) {
+            Some(Inbound::Data(bytes)) => {
+                this.slot.consumed(bytes.len());
+                this.unreturned += frame_cost(bytes.len());
+                Poll::Ready(Some(Ok(Frame::data(bytes))))
+            }
+            Some(Inbound::End) => {
+                this.done = true;
+                if let Some(guard) = &this.guard {
+                    guard.finish();
+                }
+                Poll::Ready(None)
+            }
+            None => {
+                this.done = true;
+                Poll::Ready(Some(Err(BodyError(this.slot.cancel_reason()))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}

@@ -1,0 +1,435 @@
+//! A running multiplexed connection: reader and writer tasks, heartbeats, the stream table.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use ferry_protocol::flow::MAX_FRAMES_IN_WINDOW;
+use ferry_protocol::{Control, DataFrame, ErrorCode};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::stream::{DeliverError, Slot, StreamGuard, StreamSender};
+use crate::{MuxError, TunnelBody};
+
+/// Settings of one multiplexed connection.
+#[derive(Debug, Clone)]
+pub struct MuxConfig {
+    /// The connection is declared dead when nothing at all has been received for this long.
+    /// Pings go out every quarter of it, so a live peer is never silent that long.
+    pub heartbeat_timeout: Duration,
+    /// Most streams open at once.
+    pub max_streams: usize,
+    /// Capacity, in messages, of the queue in front of the WebSocket writer.
+    pub send_queue: usize,
+}
+
+impl Default for MuxConfig {
+    fn default() -> Self {
+        MuxConfig {
+            heartbeat_timeout: Duration::from_secs(30),
+            max_streams: 1024,
+            send_queue: 256,
+        }
+    }
+}
+
+/// Receives the control messages the connection does not handle itself: new streams' heads
+/// (on the client) and connection errors. Called on the reader task: it must not block.
+pub trait ControlHandler: Send + Sync + 'static {
+    /// One control message from the peer.
+    fn on_control(&self, mux: &MuxHandle, msg: Control);
+}
+
+/// Counters a test or the benchmark can read.
+#[derive(Debug, Default)]
+pub struct MuxStats {
+    peak_buffered: AtomicUsize,
+    frames_received: AtomicU64,
+}
+
+impl MuxStats {
+    pub(crate) fn note_buffered(&self, bytes: usize) {
+        self.peak_buffered.fetch_max(bytes, Ordering::Relaxed);
+    }
+
+    /// Most body bytes ever waiting in one stream's receive buffer, unconsumed.
+    pub fn peak_buffered(&self) -> usize {
+        self.peak_buffered.load(Ordering::Relaxed)
+    }
+
+    /// Data frames received.
+    pub fn frames_received(&self) -> u64 {
+        self.frames_received.load(Ordering::Relaxed)
+    }
+}
+
+/// State shared by the tasks and handles of one connection.
+pub(crate) struct Shared {
+    streams: Mutex<HashMap<u32, Arc<Slot>>>,
+    pub(crate) closed: CancellationToken,
+    reason: Mutex<Option<String>>,
+    pub(crate) stats: MuxStats,
+    config: MuxConfig,
+}
+
+impl Shared {
+    pub(crate) fn remove(&self, id: u32) {
+        self.streams.lock().expect("stream table").remove(&id);
+    }
+
+    fn get(&self, id: u32) -> Option<Arc<Slot>> {
+        self.streams.lock().expect("stream table").get(&id).cloned()
+    }
+
+    pub(crate) fn close_reason(&self) -> String {
+        self.reason
+            .lock()
+            .expect("reason lock")
+            .clone()
+            .unwrap_or_else(|| "tunnel connection closed".to_owned())
+    }
+
+    fn close(&self, reason: &str) {
+        {
+            let mut current = self.reason.lock().expect("reason lock");
+            if current.is_none() {
+                *current = Some(reason.to_owned());
+            }
+        }
+        self.closed.cancel();
+        let slots: Vec<Arc<Slot>> = self
+            .streams
+            .lock()
+            .expect("stream table")
+            .drain()
+            .map(|(_, slot)| slot)
+            .collect();
+        for slot in slots {
+            slot.abort(reason);
+        }
+    }
+}
+
+/// A cheap, clonable handle on a running connection.
+#[derive(Clone)]
+pub struct MuxHandle {
+    shared: Arc<Shared>,
+    out: mpsc::Sender<Message>,
+}
+
+impl MuxHandle {
+    /// Registers stream `id`. Returns its sender, its incoming body, the receiver of the peer's
+    /// head for it, and the guard that keeps it open.
+    pub fn open_stream(
+        &self,
+        id: u32,
+    ) -> Result<(StreamSender, TunnelBody, oneshot::Receiver<Control>, StreamGuard), MuxError> {
+        if self.shared.closed.is_cancelled() {
+            return Err(MuxError::Closed(self.shared.close_reason()));
+        }
+        let (in_tx, in_rx) = mpsc::channel(MAX_FRAMES_IN_WINDOW + 1);
+        let (head_tx, head_rx) = oneshot::channel();
+        let slot = Arc::new(Slot::new(id, in_tx, head_tx, self.shared.clone()));
+        {
+            let mut streams = self.shared.streams.lock().expect("stream table");
+            if streams.len() >= self.shared.config.max_streams {
+                return Err(MuxError::TooManyStreams(self.shared.config.max_streams));
+            }
+            if streams.contains_key(&id) {
+                return Err(MuxError::DuplicateStream(id));
+            }
+            streams.insert(id, slot.clone());
+        }
+        let guard = StreamGuard {
+            slot: slot.clone(),
+            shared: self.shared.clone(),
+            out: self.out.clone(),
+            finished: AtomicBool::new(false),
+        };
+        let sender = StreamSender {
+            slot: slot.clone(),
+            out: self.out.clone(),
+        };
+        let body = TunnelBody::new(in_rx, slot, self.out.clone());
+        Ok((sender, body, head_rx, guard))
+    }
+
+    /// Sends a connection-level control message.
+    pub async fn send_control(&self, msg: Control) -> Result<(), MuxError> {
+        self.out
+            .send(Message::text(msg.encode()))
+            .await
+            .map_err(|_| MuxError::Closed(self.shared.close_reason()))
+    }
+
+    /// Closes the connection: every open stream fails with `reason`.
+    pub fn close(&self, reason: &str) {
+        self.shared.close(reason);
+    }
+
+    /// Sends `Error { code, message }` and then closes the connection.
+    pub async fn close_with_error(&self, code: ErrorCode, message: &str) {
+        let msg = Control::Error {
+            code,
+            message: message.to_owned(),
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.send_control(msg)).await;
+        self.close(message);
+    }
+
+    /// Whether the connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.is_cancelled()
+    }
+
+    /// Completes when the connection has ended.
+    pub async fn closed(&self) {
+        self.shared.closed.cancelled().await
+    }
+
+    /// Why the connection ended (or will, once it does).
+    pub fn close_reason(&self) -> String {
+        self.shared.close_reason()
+    }
+
+    /// Number of streams open right now.
+    pub fn open_streams(&self) -> usize {
+        self.shared.streams.lock().expect("stream table").len()
+    }
+
+    /// The connection's counters.
+    pub fn stats(&self) -> &MuxStats {
+        &self.shared.stats
+    }
+}
+
+/// Starts multiplexed connections.
+pub struct Mux;
+
+impl Mux {
+    /// Runs `ws` as a multiplexed connection. Returns its handle and a task that ends, with the
+    /// reason, when the connection does.
+    pub fn spawn<S, H>(
+        ws: WebSocketStream<S>,
+        config: MuxConfig,
+        handler: H,
+    ) -> (MuxHandle, JoinHandle<String>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        H: ControlHandler,
+    {
+        let (out_tx, out_rx) = mpsc::channel(config.send_queue);
+        let shared = Arc::new(Shared {
+            streams: Mutex::new(HashMap::new()),
+            closed: CancellationToken::new(),
+            reason: Mutex::new(None),
+            stats: MuxStats::default(),
+            config,
+        });
+        let handle = MuxHandle {
+            shared: shared.clone(),
+            out: out_tx,
+        };
+        let (sink, stream) = ws.split();
+        let writer = tokio::spawn(write_loop(sink, out_rx, shared.clone()));
+        let reader_handle = handle.clone();
+        let task = tokio::spawn(async move {
+            read_loop(stream, &reader_handle, &handler).await;
+            let _ = writer.await;
+            reader_handle.close_reason()
+        });
+        (handle, task)
+    }
+}
+
+async fn read_loop<S, H>(mut stream: SplitStream<WebSocketStream<S>>, mux: &MuxHandle, handler: &H)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    H: ControlHandler,
+{
+    let shared = &mux.shared;
+    let timeout = shared.config.heartbeat_timeout;
+    let silence_limit = timeout * 3 / 4;
+    let mut watchdog = tokio::time::interval(timeout / 8);
+    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = Instant::now();
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = shared.closed.cancelled() => return,
+            msg = stream.next() => msg,
+            _ = watchdog.tick() => {
+                let silent = last_heard.elapsed();
+                if silent > silence_limit {
+                    shared.close(&format!(
+                        "heartbeat timeout: nothing received for {:.1}s",
+                        silent.as_secs_f64()
+                    ));
+                    return;
+                }
+                continue;
+            }
+        };
+        last_heard = Instant::now();
+        let msg = match msg {
+            Some(Ok(msg)) => msg,
+            Some(Err(err)) => {
+                shared.close(&format!("connection error: {err}"));
+                return;
+            }
+            None => {
+                shared.close("connection closed by the other side");
+                return;
+            }
+        };
+        let result = match msg {
+            Message::Binary(bytes) => on_data(shared, bytes),
+            Message::Text(text) => match Control::decode(text.as_str()) {
+                Ok(control) => on_control(mux, handler, control),
+                Err(err) => Err(format!("protocol error: {err}")),
+            },
+            Message::Close(frame) => {
+                let reason = match frame {
+                    Some(frame) if !frame.reason.is_empty() => {
+                        format!("closed by the other side: {}", frame.reason)
+                    }
+                    _ => "closed by the other side".to_owned(),
+                };
+                shared.close(&reason);
+                return;
+            }
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(()),
+        };
+        if let Err(reason) = result {
+            warn!(%reason, "closing tunnel connection");
+            mux.close_with_error(ErrorCode::ProtocolError, &reason).await;
+            return;
+        }
+    }
+}
+
+fn on_data(shared: &Shared, bytes: Bytes) -> Result<(), String> {
+    let frame = DataFrame::decode(bytes).map_err(|err| format!("protocol error: {err}"))?;
+    shared.stats.frames_received.fetch_add(1, Ordering::Relaxed);
+    let Some(slot) = shared.get(frame.stream) else {
+        return Ok(()); // a stream that just ended; its late frames are dropped
+    };
+    match slot.deliver(frame) {
+        Ok(()) => Ok(()),
+        Err(DeliverError::Violation(what)) => {
+            let reason = format!("protocol error on stream {}: {what}", slot.id);
+            shared.remove(slot.id);
+            slot.abort(&reason);
+            Err(reason)
+        }
+    }
+}
+
+fn on_control<H: ControlHandler>(mux: &MuxHandle, handler: &H, msg: Control) -> Result<(), String> {
+    let shared = &mux.shared;
+    match msg {
+        Control::Window { stream, increment } => {
+            if let Some(slot) = shared.get(stream) {
+                if !slot.grant(increment) {
+                    return Err(format!(
+                        "protocol error on stream {stream}: credit beyond the window"
+                    ));
+                }
+            }
+            Ok(())
+        }
+        Control::Cancel { stream, reason } => {
+            if let Some(slot) = shared.get(stream) {
+                debug!(stream, %reason, "stream cancelled by peer");
+                shared.remove(stream);
+                slot.abort(&reason);
+            }
+            Ok(())
+        }
+        Control::ResponseHead(ref head) => {
+            let stream = head.stream;
+            if let Some(slot) = shared.get(stream) {
+                slot.deliver_head(msg);
+            }
+            Ok(())
+        }
+        other => {
+            handler.on_control(mux, other);
+            Ok(())
+        }
+    }
+}
+
+async fn write_loop<S>(
+    mut sink: SplitSink<WebSocketStream<S>, Message>,
+    mut out: mpsc::Receiver<Message>,
+    shared: Arc<Shared>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut ping = tokio::time::interval(shared.config.heartbeat_timeout / 4);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let work = async {
+        loop {
+            tokio::select! {
+                msg = out.recv() => {
+                    let Some(msg) = msg else { return Ok(()) };
+                    sink.feed(msg).await.map_err(|e| e.to_string())?;
+                    // Batch whatever else is already queued into the same flush.
+                    while let Ok(msg) = out.try_recv() {
+                        sink.feed(msg).await.map_err(|e| e.to_string())?;
+                    }
+                    sink.flush().await.map_err(|e| e.to_string())?;
+                }
+                _ = ping.tick() => {
+                    sink.send(Message::Ping(Bytes::new())).await.map_err(|e| e.to_string())?;
+                }
+            }
+        }
+    };
+    // A write stuck on a peer that stopped reading is abandoned as soon as the connection is
+    // declared closed (by the reader's heartbeat watchdog, say).
+    let result: Result<(), String> = tokio::select! {
+        _ = shared.closed.cancelled() => Ok(()),
+        result = work => result,
+    };
+    if let Err(err) = result {
+        shared.close(&format!("connection error: {err}"));
+        return;
+    }
+    // Flush what was queued before the close (a last error message, say), then say goodbye.
+    let goodbye = async {
+        while let Ok(msg) = out.try_recv() {
+            sink.feed(msg).await?;
+        }
+        let frame = CloseFrame {
+            code: CloseCode::Normal,
+            reason: shorten(&shared.close_reason()).into(),
+        };
+        sink.send(Message::Close(Some(frame))).await?;
+        sink.close().await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), goodbye).await;
+}
+
+/// Close-frame reasons are limited to 123 bytes.
+fn shorten(reason: &str) -> String {
+    let mut end = reason.len().min(120);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_owned()
+}
