@@ -39,7 +39,8 @@ pub struct RequestHead {
     pub stream: u32,
     /// Method, exactly as received (`POST`, `PROPFIND`, …).
     pub method: String,
-    /// Path and query below the session, exactly as received (`/a/b?x=1`); always starts with `/`.
+    /// Path and query below the session, exactly as received: `/a/b?x=1`, `?x=1`, or empty
+    /// for the session's bare URL. The client puts it below its target's path prefix.
     pub target: String,
     /// The caller's HTTP version.
     pub version: HttpVersion,

@@ -1,1 +1,175 @@
-//! placeholder
+//! Ferry's relay: accepts webhooks on per-session public URLs and carries each one through the
+//! session's tunnel to the client on the developer's machine.
+//!
+//! # Layout
+//! - [`run`] serves one listener until a shutdown signal, then drains.
+//! - `tunnel`: the `/_ferry/v1/connect` endpoint (auth, upgrade, session claim, mux).
+//! - `public`: everything else, forwarded to a session.
+//! - [`registry`]: sessions and their live connections.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_protocol::{ErrorCode, CONNECT_PATH};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+pub mod auth;
+mod config;
+mod headers;
+mod public;
+pub mod registry;
+mod reply;
+pub mod tls;
+mod tunnel;
+
+pub use config::{Args, RelayConfig};
+
+use auth::TokenSet;
+use registry::Registry;
+use reply::RelayBody;
+
+/// Path of the health check.
+pub const HEALTH_PATH: &str = "/_ferry/health";
+
+/// A running relay's shared state.
+pub struct Relay {
+    config: RelayConfig,
+    tokens: TokenSet,
+    registry: Registry,
+    shutdown: CancellationToken,
+}
+
+impl Relay {
+    /// The sessions.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+}
+
+/// Serves `listener` until `shutdown` completes; then stops accepting, lets in-flight exchanges
+/// finish for up to `config.grace`, closes the tunnels and returns.
+pub async fn run(
+    listener: TcpListener,
+    config: RelayConfig,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let relay = Arc::new(Relay {
+        tokens: TokenSet::new(&config.tokens),
+        registry: Registry::new(config.max_sessions),
+        shutdown: CancellationToken::new(),
+        config,
+    });
+    let graceful = GracefulShutdown::new();
+    let connections = Arc::new(Semaphore::new(relay.config.max_connections));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .max_buf_size(64 * 1024);
+    builder.http2().max_concurrent_streams(100);
+    let builder = Arc::new(builder);
+    let tls = relay.config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    warn!(%err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            debug!(%peer, "connection limit reached; refusing");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let relay = relay.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let service = service_fn(move |req| {
+                let relay = relay.clone();
+                async move { Ok::<_, Infallible>(route(relay, req, peer).await) }
+            });
+            let result = match tls {
+                None => {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+                Some(tls) => match tls.accept(stream).await {
+                    Ok(stream) => {
+                        let conn =
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        watcher.watch(conn.into_owned()).await
+                    }
+                    Err(err) => {
+                        debug!(%peer, %err, "TLS handshake failed");
+                        return;
+                    }
+                },
+            };
+            if let Err(err) = result {
+                debug!(%peer, %err, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    relay.shutdown.cancel();
+    info!("shutting down: waiting for in-flight requests");
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(relay.config.grace) => {
+            warn!(grace = ?relay.config.grace, "grace period over; dropping unfinished requests");
+        }
+    }
+    for live in relay.registry.live_connections() {
+        live.mux
+            .close_with_error(ErrorCode::ShuttingDown, "the relay is shutting down")
+            .await;
+    }
+    info!("relay stopped");
+    Ok(())
+}
+
+async fn route(relay: Arc<Relay>, req: Request<Incoming>, peer: SocketAddr) -> Response<RelayBody> {
+    let path = req.uri().path();
+    if path == CONNECT_PATH {
+        tunnel::connect(&relay, req)
+    } else if path == HEALTH_PATH {
+        if relay.shutdown.is_cancelled() {
+            reply::json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"status": "shutting down"}),
+            )
+        } else {
+            reply::json(StatusCode::OK, serde_json::json!({"status": "ok"}))
+        }
+    } else if path == "/_ferry" || path.starts_with(ferry_protocol::RESERVED_PREFIX) {
+        reply::error(
+            StatusCode::NOT_FOUND,
+            "not found",
+            "no such relay endpoint under /_ferry/",
+        )
+    } else {
+        public::forward(relay, req, peer).await
+    }
+}

@@ -1,1 +1,91 @@
-fn main() {}
+//! `ferry-relay`: parses the command line and runs the relay until SIGINT or SIGTERM.
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use ferry_relay::{registry::random_string, Args, RelayConfig};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let tokens: Vec<String> = args
+        .tokens
+        .iter()
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty())
+        .collect();
+    let generated = tokens.is_empty();
+    let tokens = if generated { vec![random_string(32)] } else { tokens };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (is the port in use? try --listen)", args.listen))?;
+    let local = listener.local_addr()?;
+    let scheme = if args.tls_cert.is_some() { "https" } else { "http" };
+    let public_url = args.public_url.clone().unwrap_or_else(|| {
+        let host = if local.ip().is_unspecified() {
+            format!("localhost:{}", local.port())
+        } else {
+            local.to_string()
+        };
+        format!("{scheme}://{host}")
+    });
+    if !public_url.starts_with("http://") && !public_url.starts_with("https://") {
+        anyhow::bail!("--public-url must start with http:// or https:// (got '{public_url}')");
+    }
+    let mut config = RelayConfig::new(&public_url, tokens.clone());
+    config.timeout = args.timeout;
+    config.max_body = args.max_body;
+    config.heartbeat_timeout = args.heartbeat_timeout;
+    config.grace = args.grace;
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        config.tls = Some(ferry_relay::tls::server_config(cert, key)?);
+    }
+
+    eprintln!("ferry-relay listening on {scheme}://{local}");
+    eprintln!("public URL: {}", config.public_url);
+    if generated {
+        eprintln!("generated token (pass --token or FERRY_TOKENS to choose your own):");
+        eprintln!("  {}", tokens[0]);
+    }
+    eprintln!("connect a client with:");
+    eprintln!(
+        "  ferry listen 3000 --relay {} --token {}",
+        config.public_url,
+        if generated { tokens[0].as_str() } else { "<token>" }
+    );
+    ferry_relay::run(listener, config, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,139 @@
+//! Command line and settings of the relay.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// ferry-relay: public end of the Ferry webhook tunnel.
+///
+/// Run with no flags to listen on 0.0.0.0:8080 with a freshly generated token.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "FERRY_LISTEN")]
+    pub listen: SocketAddr,
+
+    /// Public base URL of this relay, as providers will call it (e.g. https://hooks.example.com).
+    /// Defaults to http://<listen address>.
+    #[arg(long, env = "FERRY_PUBLIC_URL")]
+    pub public_url: Option<String>,
+
+    /// A token clients may connect with; repeat for several. Also FERRY_TOKENS (comma-separated).
+    /// With none, a strong random token is generated and printed.
+    #[arg(long = "token", env = "FERRY_TOKENS", value_delimiter = ',', hide_env_values = true)]
+    pub tokens: Vec<String>,
+
+    /// How long to wait for the client's answer before replying 504.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+
+    /// Largest request body accepted (bytes; suffixes K, M, G allowed); larger gets 413.
+    #[arg(long, default_value = "32M", value_parser = parse_size)]
+    pub max_body: u64,
+
+    /// A tunnel that sends nothing for this long is declared dead.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub heartbeat_timeout: Duration,
+
+    /// On SIGINT/SIGTERM, how long in-flight requests may take to finish.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub grace: Duration,
+
+    /// PEM certificate chain, to serve HTTPS (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key, to serve HTTPS (with --tls-cert).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+/// Parses `32M`, `512K`, `1G` or a plain byte count.
+pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, ""),
+    };
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size like 32M, 512K or 1048576"))?;
+    let factor: u64 = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        _ => return Err(format!("unknown size unit in '{text}'; use K, M or G")),
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("'{text}' is too large"))
+}
+
+/// Everything [`run`](crate::run) needs.
+#[derive(Clone)]
+pub struct RelayConfig {
+    /// Public base URL, without a trailing slash.
+    pub public_url: String,
+    /// `http` or `https`: the scheme of `public_url`, sent as `X-Forwarded-Proto`.
+    pub public_scheme: String,
+    /// Accepted tokens.
+    pub tokens: Vec<String>,
+    /// How long to wait for a response head.
+    pub timeout: Duration,
+    /// Largest request body.
+    pub max_body: u64,
+    /// Heartbeat timeout of tunnels.
+    pub heartbeat_timeout: Duration,
+    /// Drain time on shutdown.
+    pub grace: Duration,
+    /// Most sessions kept.
+    pub max_sessions: usize,
+    /// Most TCP connections at once.
+    pub max_connections: usize,
+    /// TLS, if the listener serves HTTPS.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl RelayConfig {
+    /// Defaults for a relay reachable at `public_url` accepting `tokens`.
+    pub fn new(public_url: &str, tokens: Vec<String>) -> Self {
+        let public_url = public_url.trim_end_matches('/').to_owned();
+        let public_scheme = if public_url.starts_with("https://") {
+            "https"
+        } else {
+            "http"
+        }
+        .to_owned();
+        RelayConfig {
+            public_url,
+            public_scheme,
+            tokens,
+            timeout: Duration::from_secs(30),
+            max_body: 32 << 20,
+            heartbeat_timeout: Duration::from_secs(30),
+            grace: Duration::from_secs(10),
+            max_sessions: 100_000,
+            max_connections: 50_000,
+            tls: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("32M"), Ok(32 << 20));
+        assert_eq!(parse_size("512k"), Ok(512 << 10));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("M").is_err());
+    }
+}

@@ -1,0 +1,244 @@
+//! Public requests: find the session, carry the exchange through its tunnel, relay the answer.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ferry_mux::{MuxError, PumpError};
+use ferry_protocol::{Control, HttpVersion, RequestHead};
+use http::{header, HeaderValue, Request, Response, StatusCode, Version};
+use http_body::Body as _;
+use http_body_util::Either;
+use hyper::body::Incoming;
+use tokio::sync::oneshot;
+use tracing::debug;
+
+use crate::headers::{request_headers, to_header_map, Forwarded};
+use crate::reply::{self, RelayBody};
+use crate::Relay;
+
+/// Seconds a caller is told to wait before retrying a session with no client.
+const RETRY_AFTER_SECS: &str = "5";
+
+/// Splits `/SESSION/rest?query` into `SESSION` and the exact rest (`/rest?query`, `?query` or
+/// nothing); the client puts the rest below its target's path prefix.
+fn split_session(path_and_query: &str) -> Option<(&str, &str)> {
+    let rest = path_and_query.strip_prefix('/')?;
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (session, tail) = rest.split_at(end);
+    if session.is_empty() {
+        return None;
+    }
+    Some((session, tail))
+}
+
+fn protocol_version(version: Version) -> HttpVersion {
+    match version {
+        Version::HTTP_10 | Version::HTTP_09 => HttpVersion::Http10,
+        Version::HTTP_2 => HttpVersion::Http2,
+        Version::HTTP_3 => HttpVersion::Http3,
+        _ => HttpVersion::Http11,
+    }
+}
+
+/// Handles a request for a session URL.
+pub(crate) async fn forward(
+    relay: Arc<Relay>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<RelayBody> {
+    let (parts, body) = req.into_parts();
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let Some((session_id, target)) = split_session(path_and_query) else {
+        return reply::error(
+            StatusCode::NOT_FOUND,
+            "unknown session",
+            "the URL names no session; webhook URLs look like <relay>/<session>/<path>",
+        );
+    };
+    let Some(session) = relay.registry.get(session_id) else {
+        return reply::error(
+            StatusCode::NOT_FOUND,
+            "unknown session",
+            &format!("no session '{session_id}' on this relay"),
+        );
+    };
+    let Some(live) = session.live() else {
+        let mut response = reply::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no client connected",
+            &format!("session '{session_id}' exists but no ferry client is connected to it right now"),
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+        return response;
+    };
+    let max_body = relay.config.max_body;
+    if let Some(length) = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if length > max_body {
+            return too_large(max_body);
+        }
+    }
+    let Some(stream_id) = live.next_stream_id() else {
+        live.mux.close("stream ids exhausted; reconnecting");
+        return disconnected(session_id, "the tunnel is being renewed");
+    };
+    let (sender, response_body, head_rx, guard) = match live.mux.open_stream(stream_id) {
+        Ok(parts) => parts,
+        Err(err @ MuxError::TooManyStreams(_)) => {
+            let mut response = reply::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many requests in flight",
+                &err.to_string(),
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return response;
+        }
+        Err(err) => return disconnected(session_id, &err.to_string()),
+    };
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .map(|h| h.as_bytes())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str().as_bytes()));
+    let prefix = format!("/{session_id}");
+    let forwarded = Forwarded {
+        peer,
+        proto: &relay.config.public_scheme,
+        host,
+        prefix: &prefix,
+    };
+    let has_body = !body.is_end_stream();
+    let head = RequestHead {
+        stream: stream_id,
+        method: parts.method.as_str().to_owned(),
+        target: target.to_owned(),
+        version: protocol_version(parts.version),
+        headers: request_headers(&parts.headers, &forwarded),
+        has_body,
+    };
+    if let Err(err) = sender.send_control(Control::RequestHead(head)).await {
+        return disconnected(session_id, &err.to_string());
+    }
+
+    let (pump_tx, pump_rx) = oneshot::channel::<PumpError>();
+    if has_body {
+        let sender = sender.clone();
+        tokio::spawn(async move {
+            if let Err(err) = sender.pump(body, Some(max_body)).await {
+                let _ = pump_tx.send(err);
+            }
+        });
+    } else {
+        drop(pump_tx);
+    }
+    let pump_failed = async {
+        match pump_rx.await {
+            Ok(err) => err,
+            Err(_) => std::future::pending().await,
+        }
+    };
+
+    let head = tokio::select! {
+        head = head_rx => head,
+        err = pump_failed => {
+            return match err {
+                PumpError::TooLarge(limit) => {
+                    guard.cancel("request body too large");
+                    too_large(limit)
+                }
+                PumpError::Body(detail) => {
+                    guard.cancel("caller's request body failed");
+                    debug!(%detail, "caller's body failed");
+                    reply::error(StatusCode::BAD_REQUEST, "bad request body", &detail)
+                }
+                PumpError::Mux(err) => disconnected(session_id, &err.to_string()),
+            };
+        }
+        _ = tokio::time::sleep(relay.config.timeout) => {
+            guard.cancel("no response within the relay's timeout");
+            return reply::error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "client timeout",
+                &format!("the ferry client did not answer within {}s", relay.config.timeout.as_secs_f64()),
+            );
+        }
+    };
+    let head = match head {
+        Ok(Control::ResponseHead(head)) => head,
+        Ok(_) | Err(_) => {
+            return disconnected(session_id, &guard.cancel_reason());
+        }
+    };
+    let status = match StatusCode::from_u16(head.status) {
+        Ok(status) if !status.is_informational() => status,
+        _ => {
+            guard.cancel("invalid response status");
+            return reply::error(
+                StatusCode::BAD_GATEWAY,
+                "invalid response",
+                &format!("the client sent status {}", head.status),
+            );
+        }
+    };
+    let headers = match to_header_map(&head.headers) {
+        Ok(headers) => headers,
+        Err(detail) => {
+            guard.cancel("invalid response header");
+            return reply::error(StatusCode::BAD_GATEWAY, "invalid response", &detail);
+        }
+    };
+    let body = if head.has_body {
+        Either::Right(response_body.with_guard(guard))
+    } else {
+        guard.finish();
+        reply::empty()
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
+}
+
+fn too_large(limit: u64) -> Response<RelayBody> {
+    reply::error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body too large",
+        &format!("request bodies are limited to {limit} bytes on this relay (--max-body)"),
+    )
+}
+
+fn disconnected(session: &str, detail: &str) -> Response<RelayBody> {
+    reply::error(
+        StatusCode::BAD_GATEWAY,
+        "client disconnected",
+        &format!("the ferry client of session '{session}' went away mid-request: {detail}"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_session;
+
+    #[test]
+    fn splits_session_from_target() {
+        assert_eq!(split_session("/s/a/b?x=1"), Some(("s", "/a/b?x=1")));
+        assert_eq!(split_session("/s"), Some(("s", "")));
+        assert_eq!(split_session("/s/"), Some(("s", "/")));
+        assert_eq!(split_session("/s?x=1"), Some(("s", "?x=1")));
+        assert_eq!(split_session("/s//a%2Fb?b=2&a=1"), Some(("s", "//a%2Fb?b=2&a=1")));
+        assert_eq!(split_session("/"), None);
+        assert_eq!(split_session("//x"), None);
+    }
+}

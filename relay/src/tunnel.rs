@@ -1,0 +1,265 @@
+//! The tunnel endpoint: authenticate, upgrade to a WebSocket, agree on a session, run the mux.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_mux::{ControlHandler, Mux, MuxConfig, MuxHandle};
+use ferry_protocol::{
+    validate_session_name, Control, ErrorCode, PROTOCOL_VERSION, SUBPROTOCOL, SUBPROTOCOL_PREFIX,
+};
+use futures_util::{SinkExt, StreamExt};
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tracing::{info, warn, Instrument};
+
+use crate::registry::{Claim, ClaimError};
+use crate::reply::{self, RelayBody};
+use crate::Relay;
+
+/// How long a client has to send its hello after the upgrade.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// WebSocket limits: frames carry at most one body chunk or one control message.
+pub(crate) fn websocket_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(4 * 1024 * 1024)
+        .max_message_size(Some(ferry_protocol::MAX_CONTROL_LEN + 1024))
+        .max_frame_size(Some(ferry_protocol::MAX_CONTROL_LEN + 1024))
+}
+
+/// Handles `GET /_ferry/v1/connect`.
+pub(crate) fn connect(relay: &Arc<Relay>, mut req: Request<Incoming>) -> Response<RelayBody> {
+    let Some(token) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return reply::error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing 'Authorization: Bearer <token>'; pass --token or set FERRY_TOKEN",
+        );
+    };
+    let Some(owner) = relay.tokens.verify(token.trim()) else {
+        return reply::error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "invalid token; check --token / FERRY_TOKEN against the relay's tokens",
+        );
+    };
+    let offered: Vec<String> = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_owned())
+        .collect();
+    if !offered.iter().any(|p| p == SUBPROTOCOL) {
+        let theirs = offered
+            .iter()
+            .find(|p| p.starts_with(SUBPROTOCOL_PREFIX))
+            .cloned()
+            .unwrap_or_else(|| "none".to_owned());
+        warn!(client = %theirs, relay = SUBPROTOCOL, "refused a client speaking another protocol version");
+        return reply::error(
+            StatusCode::BAD_REQUEST,
+            "protocol version mismatch",
+            &format!(
+                "client speaks protocol {theirs}, this relay speaks {SUBPROTOCOL}; install the same Ferry version on both sides"
+            ),
+        );
+    }
+    let is_upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
+        return reply::error(
+            StatusCode::BAD_REQUEST,
+            "bad request",
+            "expected a WebSocket upgrade (missing Sec-WebSocket-Key)",
+        );
+    };
+    if !is_upgrade {
+        return reply::error(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade required",
+            "expected 'Upgrade: websocket'",
+        );
+    }
+    let upgrade = hyper::upgrade::on(&mut req);
+    let relay = relay.clone();
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(upgraded) => {
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(websocket_config()),
+                )
+                .await;
+                serve(relay, owner, ws).await;
+            }
+            Err(err) => warn!(%err, "tunnel upgrade failed"),
+        }
+    });
+    let mut response = Response::new(reply::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&derive_accept_key(key.as_bytes())).expect("base64 is a valid header"),
+    );
+    headers.insert(
+        header::SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static(SUBPROTOCOL),
+    );
+    response
+}
+
+/// Relay-side handler: the client sends no new streams, only heads for ours (handled by the mux).
+struct RelayHandler;
+
+impl ControlHandler for RelayHandler {
+    fn on_control(&self, mux: &MuxHandle, msg: Control) {
+        if let Control::Error { code, message } = msg {
+            warn!(?code, %message, "client reported an error");
+            mux.close(&message);
+        }
+    }
+}
+
+async fn refuse<S>(ws: &mut WebSocketStream<S>, code: ErrorCode, message: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let msg = Control::Error {
+        code,
+        message: message.to_owned(),
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        ws.send(Message::text(msg.encode())).await?;
+        ws.close(None).await
+    })
+    .await;
+}
+
+async fn serve<S>(relay: Arc<Relay>, owner: crate::auth::TokenId, mut ws: WebSocketStream<S>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, ws.next()).await {
+        Ok(Some(Ok(Message::Text(text)))) => Control::decode(text.as_str()),
+        _ => {
+            refuse(&mut ws, ErrorCode::ProtocolError, "expected a hello message").await;
+            return;
+        }
+    };
+    let (name, resume) = match hello {
+        Ok(Control::Hello {
+            version, name, resume, ..
+        }) => {
+            if version != PROTOCOL_VERSION {
+                let message = format!(
+                    "client speaks protocol version {version}, this relay speaks {PROTOCOL_VERSION}; install the same Ferry version on both sides"
+                );
+                refuse(&mut ws, ErrorCode::ProtocolError, &message).await;
+                return;
+            }
+            (name, resume)
+        }
+        Ok(_) | Err(_) => {
+            refuse(&mut ws, ErrorCode::ProtocolError, "expected a hello message").await;
+            return;
+        }
+    };
+    let claim = if let Some(name) = name.as_deref() {
+        if let Err(err) = validate_session_name(name) {
+            refuse(&mut ws, ErrorCode::InvalidName, &format!("invalid --name '{name}': {err}")).await;
+            return;
+        }
+        Claim::Named(name)
+    } else if let Some(resume) = resume.as_ref() {
+        Claim::Resume {
+            session: &resume.session,
+            secret: &resume.secret,
+        }
+    } else {
+        Claim::Random
+    };
+    if relay.shutdown.is_cancelled() {
+        refuse(&mut ws, ErrorCode::ShuttingDown, "the relay is shutting down").await;
+        return;
+    }
+
+    let granted = match relay.registry.claim(owner, claim) {
+        Ok(granted) => granted,
+        Err(err) => {
+            let code = match err {
+                ClaimError::Taken(_) => ErrorCode::NameTaken,
+                ClaimError::BadSecret(_) | ClaimError::BadId(_) => ErrorCode::ResumeFailed,
+                ClaimError::Full(_) => ErrorCode::Overloaded,
+            };
+            refuse(&mut ws, code, &err.to_string()).await;
+            return;
+        }
+    };
+    let session = granted.session.clone();
+    if let Some(old) = granted.replaced {
+        info!(session = %session.id, "taking over the session from an older connection");
+        let mux = old.mux;
+        tokio::spawn(async move {
+            mux.close_with_error(
+                ErrorCode::TakenOver,
+                "another client with the same token took over this session",
+            )
+            .await;
+        });
+    }
+    // The welcome goes out on the raw socket, before the mux starts and before the session is
+    // routable, so it always precedes the first request head.
+    let welcome = Control::Welcome {
+        session: session.id.clone(),
+        url: format!("{}/{}", relay.config.public_url, session.id),
+        resume_secret: granted.resume_secret,
+        agent: concat!("ferry-relay/", env!("CARGO_PKG_VERSION")).to_owned(),
+    };
+    let sent = tokio::time::timeout(HELLO_TIMEOUT, ws.send(Message::text(welcome.encode()))).await;
+    if !matches!(sent, Ok(Ok(()))) {
+        relay.registry.disconnect(&session, granted.generation);
+        return;
+    }
+    let mux_config = MuxConfig {
+        heartbeat_timeout: relay.config.heartbeat_timeout,
+        ..MuxConfig::default()
+    };
+    let (mux, task) = Mux::spawn(ws, mux_config, RelayHandler);
+    if !relay.registry.go_live(&session, granted.generation, mux.clone()) {
+        mux.close_with_error(
+            ErrorCode::TakenOver,
+            "another client with the same token took over this session",
+        )
+        .await;
+    }
+    let span = tracing::info_span!("tunnel", session = %session.id);
+    async move {
+        info!("client connected");
+        let reason = task.await.unwrap_or_else(|err| format!("tunnel task failed: {err}"));
+        relay.registry.disconnect(&session, granted.generation);
+        info!(%reason, "client disconnected");
+    }
+    .instrument(span)
+    .await;
+}
