@@ -1,1 +1,238 @@
-//! placeholder
+//! Ferry's client: holds a WebSocket to the relay and forwards each webhook to the local app.
+//!
+//! # Layout
+//! - [`run`]: connect, serve, reconnect with backoff, until shutdown or a fatal error.
+//! - `connect`: the WebSocket handshake and hello/welcome.
+//! - `forward`: one request to the local app and its response back.
+//! - [`events`]: what the console prints.
+//! - [`target`]: the only place requests may go.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_mux::{ControlHandler, Mux, MuxConfig, MuxHandle};
+use ferry_protocol::{Control, ErrorCode, Resume};
+use rand::Rng;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+mod config;
+mod connect;
+pub mod events;
+mod forward;
+pub mod target;
+
+pub use config::{Cli, Command, ListenArgs};
+pub use connect::connect_url;
+pub use events::{Console, Event, RequestEvent};
+pub use target::Target;
+
+use connect::{ConnectError, Welcome};
+use forward::Forwarder;
+
+/// Everything [`run`] needs.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Relay base URL (`https://relay.example.com`).
+    pub relay: String,
+    /// Token the relay accepts.
+    pub token: String,
+    /// Where requests go.
+    pub target: Target,
+    /// Session name to claim, for a stable URL.
+    pub name: Option<String>,
+    /// How long the local app may take to send its response head.
+    pub timeout: Duration,
+    /// The tunnel is declared dead when nothing is received for this long.
+    pub heartbeat_timeout: Duration,
+    /// Longest wait between reconnection attempts.
+    pub max_backoff: Duration,
+}
+
+impl ClientConfig {
+    /// Defaults for forwarding to `target` through `relay` with `token`.
+    pub fn new(relay: &str, token: &str, target: Target) -> Self {
+        ClientConfig {
+            relay: relay.to_owned(),
+            token: token.to_owned(),
+            target,
+            name: None,
+            timeout: Duration::from_secs(30),
+            heartbeat_timeout: Duration::from_secs(30),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why the client stopped for good.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The configuration cannot work (bad relay URL).
+    #[error("{0}")]
+    Config(String),
+    /// The relay refused us in a way retrying cannot fix (wrong token, name taken, version).
+    #[error("{0}")]
+    Refused(String),
+    /// Another client with the same token took the session over.
+    #[error("{0}")]
+    TakenOver(String),
+}
+
+/// Client-side handler: request heads start forwards; relay errors are remembered.
+struct ClientHandler {
+    forwarder: Arc<Forwarder>,
+    relay_error: Arc<Mutex<Option<(ErrorCode, String)>>>,
+}
+
+impl ControlHandler for ClientHandler {
+    fn on_control(&self, mux: &MuxHandle, msg: Control) {
+        match msg {
+            Control::RequestHead(head) => self.forwarder.spawn(mux, head),
+            Control::Error { code, message } => {
+                *self.relay_error.lock().expect("error lock") = Some((code, message.clone()));
+                mux.close(&message);
+            }
+            other => debug!(?other, "ignoring unexpected control message"),
+        }
+    }
+}
+
+/// Delay before reconnection attempt `attempt` (1-based): exponential, capped, with jitter.
+fn backoff(attempt: u32, max: Duration) -> Duration {
+    let base = Duration::from_millis(200).saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+    let capped = base.min(max);
+    // Full jitter over the upper half, so many clients don't reconnect in lockstep.
+    let jitter = rand::thread_rng().gen_range(0.5..=1.0);
+    capped.mul_f64(jitter)
+}
+
+/// Runs the client until `shutdown` completes (then `Ok`) or a fatal error.
+pub async fn run(
+    config: ClientConfig,
+    events: mpsc::Sender<Event>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ClientError> {
+    let url = connect_url(&config.relay).map_err(ClientError::Config)?;
+    let forwarder = Arc::new(Forwarder::new(
+        config.target.clone(),
+        config.timeout,
+        events.clone(),
+    ));
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut resume: Option<Resume> = None;
+    let mut announced = false;
+    let mut attempt: u32 = 0;
+    loop {
+        attempt += 1;
+        if !announced || attempt > 1 {
+            let _ = events
+                .send(Event::Connecting {
+                    attempt,
+                    relay: config.relay.clone(),
+                })
+                .await;
+        }
+        let connecting =
+            connect::connect(&url, &config.token, config.name.as_deref(), resume.as_ref());
+        let result = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            result = connecting => result,
+        };
+        let reason = match result {
+            Ok((ws, welcome)) => {
+                attempt = 0;
+                let Welcome {
+                    session,
+                    url: public_url,
+                    resume_secret,
+                } = welcome;
+                resume = Some(Resume {
+                    session: session.clone(),
+                    secret: resume_secret,
+                });
+                let event = if announced {
+                    Event::Online {
+                        url: public_url.clone(),
+                    }
+                } else {
+                    announced = true;
+                    Event::Ready {
+                        url: public_url.clone(),
+                        session,
+                        target: config.target.to_string(),
+                    }
+                };
+                let _ = events.send(event).await;
+                let relay_error = Arc::new(Mutex::new(None));
+                let handler = ClientHandler {
+                    forwarder: forwarder.clone(),
+                    relay_error: relay_error.clone(),
+                };
+                let mux_config = MuxConfig {
+                    heartbeat_timeout: config.heartbeat_timeout,
+                    ..MuxConfig::default()
+                };
+                let (mux, mut task) = Mux::spawn(ws, mux_config, handler);
+                let reason = tokio::select! {
+                    _ = &mut shutdown => {
+                        mux.close("client shutting down");
+                        let _ = task.await;
+                        return Ok(());
+                    }
+                    reason = &mut task => reason.unwrap_or_else(|e| format!("tunnel task failed: {e}")),
+                };
+                let relay_error = relay_error.lock().expect("error lock").take();
+                match relay_error {
+                    Some((ErrorCode::TakenOver, message)) => {
+                        return Err(ClientError::TakenOver(format!(
+                            "{message}; this client stops so the two do not fight over the URL"
+                        )))
+                    }
+                    Some((_, message)) => message,
+                    None => reason,
+                }
+            }
+            Err(ConnectError::Fatal(message)) => return Err(ClientError::Refused(message)),
+            Err(ConnectError::ResumeRefused(message)) => {
+                warn!(%message, "could not resume the session; asking for a new one");
+                resume = None;
+                message
+            }
+            Err(ConnectError::Transient(message)) => message,
+        };
+        let attempt_no = attempt.max(1);
+        let delay = if attempt == 0 {
+            // Just lost a working connection: try again almost at once.
+            backoff(1, config.max_backoff).min(Duration::from_millis(200))
+        } else {
+            backoff(attempt, config.max_backoff)
+        };
+        let _ = events
+            .send(Event::Reconnecting {
+                attempt: attempt_no,
+                reason,
+                retry_in_ms: delay.as_millis() as u64,
+            })
+            .await;
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let max = Duration::from_secs(30);
+        assert!(backoff(1, max) <= Duration::from_millis(200));
+        assert!(backoff(1, max) >= Duration::from_millis(100));
+        assert!(backoff(5, max) >= Duration::from_millis(1600));
+        assert!(backoff(40, max) <= max);
+        assert!(backoff(40, max) >= max / 2);
+    }
+}

@@ -1,1 +1,71 @@
-fn main() {}
+//! `ferry`: parses the command line, runs the client and prints its events.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use ferry_client::{run, Cli, ClientConfig, Command, Console, Target};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(main_async(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn main_async(cli: Cli) -> Result<(), String> {
+    let Command::Listen(args) = cli.command;
+    let target = Target::parse(&args.target).map_err(|e| e.to_string())?;
+    if let Some(name) = &args.name {
+        ferry_protocol::validate_session_name(name)
+            .map_err(|e| format!("invalid --name '{name}': {e}"))?;
+    }
+    ferry_client::connect_url(&args.relay).map_err(|e| format!("invalid --relay: {e}"))?;
+    let mut config = ClientConfig::new(&args.relay, &args.token, target);
+    config.name = args.name;
+    config.timeout = args.timeout;
+    config.heartbeat_timeout = args.heartbeat_timeout;
+
+    let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(1024);
+    let mut console = Console::new(args.json);
+    let printer = tokio::spawn(async move {
+        use std::io::Write as _;
+        while let Some(event) = events_rx.recv().await {
+            if let Some((line, to_stderr)) = console.render(&event) {
+                if to_stderr {
+                    eprintln!("{line}");
+                } else {
+                    let mut stdout = std::io::stdout().lock();
+                    let _ = writeln!(stdout, "{line}");
+                    let _ = stdout.flush();
+                }
+            }
+        }
+    });
+    let result = run(config, events_tx, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await;
+    let _ = printer.await;
+    result.map_err(|e| e.to_string())
+}

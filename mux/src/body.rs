@@ -31,7 +31,11 @@ pub struct TunnelBody {
 }
 
 impl TunnelBody {
-    pub(crate) fn new(rx: mpsc::Receiver<Inbound>, slot: Arc<Slot>, out: mpsc::Sender<Message>) -> Self {
+    pub(crate) fn new(
+        rx: mpsc::Receiver<Inbound>,
+        slot: Arc<Slot>,
+        out: mpsc::Sender<Message>,
+    ) -> Self {
         TunnelBody {
             rx,
             slot,

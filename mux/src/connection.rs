@@ -136,7 +136,15 @@ impl MuxHandle {
     pub fn open_stream(
         &self,
         id: u32,
-    ) -> Result<(StreamSender, TunnelBody, oneshot::Receiver<Control>, StreamGuard), MuxError> {
+    ) -> Result<
+        (
+            StreamSender,
+            TunnelBody,
+            oneshot::Receiver<Control>,
+            StreamGuard,
+        ),
+        MuxError,
+    > {
         if self.shared.closed.is_cancelled() {
             return Err(MuxError::Closed(self.shared.close_reason()));
         }
@@ -315,7 +323,8 @@ where
         };
         if let Err(reason) = result {
             warn!(%reason, "closing tunnel connection");
-            mux.close_with_error(ErrorCode::ProtocolError, &reason).await;
+            mux.close_with_error(ErrorCode::ProtocolError, &reason)
+                .await;
             return;
         }
     }

@@ -77,7 +77,9 @@ impl Slot {
         let cost = frame_cost(frame.payload.len()) as usize;
         let unreturned = self.unreturned.fetch_add(cost, Ordering::AcqRel) + cost;
         if unreturned > STREAM_WINDOW as usize {
-            return Err(DeliverError::Violation("peer exceeded the flow-control window"));
+            return Err(DeliverError::Violation(
+                "peer exceeded the flow-control window",
+            ));
         }
         let guard = self.inbound.lock().expect("slot lock");
         let Some(tx) = guard.as_ref() else {

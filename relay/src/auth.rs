@@ -17,7 +17,10 @@ impl TokenSet {
     /// Builds the set from clear-text tokens.
     pub fn new<I: IntoIterator<Item = S>, S: AsRef<str>>(tokens: I) -> Self {
         TokenSet {
-            digests: tokens.into_iter().map(|t| sha256(t.as_ref().as_bytes())).collect(),
+            digests: tokens
+                .into_iter()
+                .map(|t| sha256(t.as_ref().as_bytes()))
+                .collect(),
         }
     }
 

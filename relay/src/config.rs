@@ -24,7 +24,12 @@ pub struct Args {
 
     /// A token clients may connect with; repeat for several. Also FERRY_TOKENS (comma-separated).
     /// With none, a strong random token is generated and printed.
-    #[arg(long = "token", env = "FERRY_TOKENS", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long = "token",
+        env = "FERRY_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub tokens: Vec<String>,
 
     /// How long to wait for the client's answer before replying 504.

@@ -81,7 +81,11 @@ pub async fn run(
         .max_buf_size(64 * 1024);
     builder.http2().max_concurrent_streams(100);
     let builder = Arc::new(builder);
-    let tls = relay.config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    let tls = relay
+        .config
+        .tls
+        .clone()
+        .map(tokio_rustls::TlsAcceptor::from);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -112,7 +116,8 @@ pub async fn run(
             });
             let result = match tls {
                 None => {
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    let conn =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     watcher.watch(conn.into_owned()).await
                 }
                 Some(tls) => match tls.accept(stream).await {

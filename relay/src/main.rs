@@ -8,7 +8,9 @@ use tracing_subscriber::EnvFilter;
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
     tokio::runtime::Builder::new_multi_thread()
@@ -26,12 +28,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .filter(|t| !t.is_empty())
         .collect();
     let generated = tokens.is_empty();
-    let tokens = if generated { vec![random_string(32)] } else { tokens };
+    let tokens = if generated {
+        vec![random_string(32)]
+    } else {
+        tokens
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
-        .with_context(|| format!("cannot listen on {} (is the port in use? try --listen)", args.listen))?;
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (is the port in use? try --listen)",
+                args.listen
+            )
+        })?;
     let local = listener.local_addr()?;
-    let scheme = if args.tls_cert.is_some() { "https" } else { "http" };
+    let scheme = if args.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let public_url = args.public_url.clone().unwrap_or_else(|| {
         let host = if local.ip().is_unspecified() {
             format!("localhost:{}", local.port())
@@ -62,7 +77,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     eprintln!(
         "  ferry listen 3000 --relay {} --token {}",
         config.public_url,
-        if generated { tokens[0].as_str() } else { "<token>" }
+        if generated {
+            tokens[0].as_str()
+        } else {
+            "<token>"
+        }
     );
     ferry_relay::run(listener, config, shutdown_signal()).await?;
     Ok(())

@@ -70,11 +70,14 @@ pub(crate) async fn forward(
         let mut response = reply::error(
             StatusCode::SERVICE_UNAVAILABLE,
             "no client connected",
-            &format!("session '{session_id}' exists but no ferry client is connected to it right now"),
+            &format!(
+                "session '{session_id}' exists but no ferry client is connected to it right now"
+            ),
         );
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static(RETRY_AFTER_SECS),
+        );
         return response;
     };
     let max_body = relay.config.max_body;
@@ -237,7 +240,10 @@ mod tests {
         assert_eq!(split_session("/s"), Some(("s", "")));
         assert_eq!(split_session("/s/"), Some(("s", "/")));
         assert_eq!(split_session("/s?x=1"), Some(("s", "?x=1")));
-        assert_eq!(split_session("/s//a%2Fb?b=2&a=1"), Some(("s", "//a%2Fb?b=2&a=1")));
+        assert_eq!(
+            split_session("/s//a%2Fb?b=2&a=1"),
+            Some(("s", "//a%2Fb?b=2&a=1"))
+        );
         assert_eq!(split_session("/"), None);
         assert_eq!(split_session("//x"), None);
     }

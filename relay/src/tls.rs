@@ -31,7 +31,10 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::Invalid(format!("bad certificate in {}: {e}", cert.display())))?;
     if certs.is_empty() {
-        return Err(TlsError::Invalid(format!("no certificate in {}", cert.display())));
+        return Err(TlsError::Invalid(format!(
+            "no certificate in {}",
+            cert.display()
+        )));
     }
     let key = rustls_pemfile::private_key(&mut read(key)?.as_slice())
         .map_err(|e| TlsError::Invalid(format!("bad key in {}: {e}", key.display())))?

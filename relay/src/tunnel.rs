@@ -120,7 +120,8 @@ pub(crate) fn connect(relay: &Arc<Relay>, mut req: Request<Incoming>) -> Respons
     headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     headers.insert(
         header::SEC_WEBSOCKET_ACCEPT,
-        HeaderValue::from_str(&derive_accept_key(key.as_bytes())).expect("base64 is a valid header"),
+        HeaderValue::from_str(&derive_accept_key(key.as_bytes()))
+            .expect("base64 is a valid header"),
     );
     headers.insert(
         header::SEC_WEBSOCKET_PROTOCOL,
@@ -163,13 +164,21 @@ where
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, ws.next()).await {
         Ok(Some(Ok(Message::Text(text)))) => Control::decode(text.as_str()),
         _ => {
-            refuse(&mut ws, ErrorCode::ProtocolError, "expected a hello message").await;
+            refuse(
+                &mut ws,
+                ErrorCode::ProtocolError,
+                "expected a hello message",
+            )
+            .await;
             return;
         }
     };
     let (name, resume) = match hello {
         Ok(Control::Hello {
-            version, name, resume, ..
+            version,
+            name,
+            resume,
+            ..
         }) => {
             if version != PROTOCOL_VERSION {
                 let message = format!(
@@ -181,13 +190,23 @@ where
             (name, resume)
         }
         Ok(_) | Err(_) => {
-            refuse(&mut ws, ErrorCode::ProtocolError, "expected a hello message").await;
+            refuse(
+                &mut ws,
+                ErrorCode::ProtocolError,
+                "expected a hello message",
+            )
+            .await;
             return;
         }
     };
     let claim = if let Some(name) = name.as_deref() {
         if let Err(err) = validate_session_name(name) {
-            refuse(&mut ws, ErrorCode::InvalidName, &format!("invalid --name '{name}': {err}")).await;
+            refuse(
+                &mut ws,
+                ErrorCode::InvalidName,
+                &format!("invalid --name '{name}': {err}"),
+            )
+            .await;
             return;
         }
         Claim::Named(name)
@@ -200,7 +219,12 @@ where
         Claim::Random
     };
     if relay.shutdown.is_cancelled() {
-        refuse(&mut ws, ErrorCode::ShuttingDown, "the relay is shutting down").await;
+        refuse(
+            &mut ws,
+            ErrorCode::ShuttingDown,
+            "the relay is shutting down",
+        )
+        .await;
         return;
     }
 
@@ -246,7 +270,10 @@ where
         ..MuxConfig::default()
     };
     let (mux, task) = Mux::spawn(ws, mux_config, RelayHandler);
-    if !relay.registry.go_live(&session, granted.generation, mux.clone()) {
+    if !relay
+        .registry
+        .go_live(&session, granted.generation, mux.clone())
+    {
         mux.close_with_error(
             ErrorCode::TakenOver,
             "another client with the same token took over this session",
@@ -256,7 +283,9 @@ where
     let span = tracing::info_span!("tunnel", session = %session.id);
     async move {
         info!("client connected");
-        let reason = task.await.unwrap_or_else(|err| format!("tunnel task failed: {err}"));
+        let reason = task
+            .await
+            .unwrap_or_else(|err| format!("tunnel task failed: {err}"));
         relay.registry.disconnect(&session, granted.generation);
         info!(%reason, "client disconnected");
     }

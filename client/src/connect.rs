@@ -1,0 +1,220 @@
+//! Opening the tunnel: WebSocket handshake with the relay, then hello/welcome.
+
+use std::time::Duration;
+
+use ferry_protocol::{Control, ErrorCode, Resume, CONNECT_PATH, PROTOCOL_VERSION, SUBPROTOCOL};
+use futures_util::{SinkExt, StreamExt};
+use http::{header, HeaderValue};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// The relay's WebSocket.
+pub(crate) type RelaySocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// How long the relay has to answer the handshake and the hello.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Why the tunnel could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnectError {
+    /// Retrying cannot help: wrong token, other protocol version, name taken…
+    #[error("{0}")]
+    Fatal(String),
+    /// The resume secret was refused; a fresh session is needed.
+    #[error("{0}")]
+    ResumeRefused(String),
+    /// Worth another try later: relay unreachable, restarting, network down.
+    #[error("{0}")]
+    Transient(String),
+}
+
+/// The session the relay granted.
+#[derive(Debug, Clone)]
+pub(crate) struct Welcome {
+    pub(crate) session: String,
+    pub(crate) url: String,
+    pub(crate) resume_secret: String,
+}
+
+/// WebSocket settings: small buffers for idle tunnels, frames sized to our chunks.
+pub(crate) fn websocket_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(64 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(4 * 1024 * 1024)
+        .max_message_size(Some(ferry_protocol::MAX_CONTROL_LEN + 1024))
+        .max_frame_size(Some(ferry_protocol::MAX_CONTROL_LEN + 1024))
+}
+
+/// The WebSocket URL of the relay's tunnel endpoint, from the URL the user gave.
+pub fn connect_url(relay: &str) -> Result<String, String> {
+    let relay = relay.trim().trim_end_matches('/');
+    let (scheme, rest) = relay.split_once("://").ok_or_else(|| {
+        format!("relay URL '{relay}' needs a scheme, like https://relay.example.com")
+    })?;
+    let ws_scheme = match scheme.to_ascii_lowercase().as_str() {
+        "http" | "ws" => "ws",
+        "https" | "wss" => "wss",
+        other => {
+            return Err(format!(
+                "relay URL scheme '{other}' is not supported; use http(s)://"
+            ))
+        }
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.is_empty() {
+        return Err(format!("relay URL '{relay}' has no host"));
+    }
+    Ok(format!("{ws_scheme}://{authority}{CONNECT_PATH}"))
+}
+
+/// Connects, authenticates and agrees on a session.
+pub(crate) async fn connect(
+    url: &str,
+    token: &str,
+    name: Option<&str>,
+    resume: Option<&Resume>,
+) -> Result<(RelaySocket, Welcome), ConnectError> {
+    let mut request = url
+        .into_client_request()
+        .map_err(|e| ConnectError::Fatal(format!("invalid relay URL {url}: {e}")))?;
+    let bearer = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+        ConnectError::Fatal("the token contains characters not allowed in a header".into())
+    })?;
+    request.headers_mut().insert(header::AUTHORIZATION, bearer);
+    request.headers_mut().insert(
+        header::SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static(SUBPROTOCOL),
+    );
+
+    let handshake =
+        tokio_tungstenite::connect_async_with_config(request, Some(websocket_config()), true);
+    let (mut ws, _response) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Err(_) => {
+            return Err(ConnectError::Transient(
+                "the relay did not answer the handshake in time".into(),
+            ))
+        }
+        Ok(Err(err)) => return Err(classify(err)),
+        Ok(Ok(ok)) => ok,
+    };
+
+    let hello = Control::Hello {
+        version: PROTOCOL_VERSION,
+        agent: concat!("ferry/", env!("CARGO_PKG_VERSION")).to_owned(),
+        name: name.map(str::to_owned),
+        resume: if name.is_none() {
+            resume.cloned()
+        } else {
+            None
+        },
+    };
+    let exchange = async {
+        ws.send(Message::text(hello.encode())).await?;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(text))) => return Ok(Some(text)),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(_)) | None => return Ok(None),
+                Some(Err(err)) => return Err(err),
+            }
+        }
+    };
+    let text = match tokio::time::timeout(HANDSHAKE_TIMEOUT, exchange).await {
+        Err(_) => {
+            return Err(ConnectError::Transient(
+                "the relay did not welcome us in time".into(),
+            ))
+        }
+        Ok(Err(err)) => {
+            return Err(ConnectError::Transient(format!(
+                "connection lost during hello: {err}"
+            )))
+        }
+        Ok(Ok(None)) => {
+            return Err(ConnectError::Transient(
+                "the relay closed the connection during hello".into(),
+            ))
+        }
+        Ok(Ok(Some(text))) => text,
+    };
+    match Control::decode(text.as_str()) {
+        Ok(Control::Welcome {
+            session,
+            url,
+            resume_secret,
+            ..
+        }) => Ok((
+            ws,
+            Welcome {
+                session,
+                url,
+                resume_secret,
+            },
+        )),
+        Ok(Control::Error { code, message }) => Err(match code {
+            ErrorCode::ResumeFailed => ConnectError::ResumeRefused(message),
+            ErrorCode::ShuttingDown | ErrorCode::Overloaded => ConnectError::Transient(message),
+            _ => ConnectError::Fatal(message),
+        }),
+        Ok(_) => Err(ConnectError::Fatal(
+            "the relay answered hello with an unexpected message".into(),
+        )),
+        Err(err) => Err(ConnectError::Fatal(format!(
+            "the relay sent a malformed welcome: {err}"
+        ))),
+    }
+}
+
+fn classify(err: tungstenite::Error) -> ConnectError {
+    match err {
+        tungstenite::Error::Http(response) => {
+            let status = response.status();
+            let body = response
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            let detail = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("detail").and_then(|d| d.as_str()).map(str::to_owned))
+                .unwrap_or(body);
+            if status == http::StatusCode::UNAUTHORIZED {
+                ConnectError::Fatal(format!("the relay refused the token (401): {detail}"))
+            } else if status.is_server_error() {
+                ConnectError::Transient(format!("the relay answered {status}: {detail}"))
+            } else {
+                ConnectError::Fatal(format!("the relay answered {status}: {detail}"))
+            }
+        }
+        tungstenite::Error::Protocol(tungstenite::error::ProtocolError::SecWebSocketSubProtocolError(_)) => {
+            ConnectError::Fatal(format!(
+                "the server did not agree to protocol {SUBPROTOCOL}: is it a Ferry relay of the same version?"
+            ))
+        }
+        tungstenite::Error::Url(err) => ConnectError::Fatal(format!("invalid relay URL: {err}")),
+        other => ConnectError::Transient(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connect_url;
+
+    #[test]
+    fn builds_connect_urls() {
+        assert_eq!(
+            connect_url("http://r:8080").unwrap(),
+            "ws://r:8080/_ferry/v1/connect"
+        );
+        assert_eq!(
+            connect_url("https://r.example/").unwrap(),
+            "wss://r.example/_ferry/v1/connect"
+        );
+        assert!(connect_url("r.example").is_err());
+        assert!(connect_url("ftp://r").is_err());
+    }
+}

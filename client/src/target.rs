@@ -1,0 +1,198 @@
+//! The local target: the only address the client ever sends requests to.
+
+use std::fmt;
+
+use http::uri::{Authority, PathAndQuery, Uri};
+
+/// Why a target could not be understood.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid target '{input}': {reason}. Use a port (3000), host:port (localhost:3000) or a URL (http://localhost:3000/webhooks)")]
+pub struct TargetError {
+    input: String,
+    reason: String,
+}
+
+/// Where webhooks are forwarded: `http://AUTHORITY[PREFIX]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    authority: Authority,
+    /// Path prefix without a trailing slash (`/webhooks`), or empty.
+    prefix: String,
+}
+
+impl Target {
+    /// Parses `3000`, `host:port`, or `http://host:port/prefix`.
+    pub fn parse(input: &str) -> Result<Target, TargetError> {
+        let err = |reason: &str| TargetError {
+            input: input.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let input_trimmed = input.trim();
+        if input_trimmed.is_empty() {
+            return Err(err("it is empty"));
+        }
+        if let Ok(port) = input_trimmed.parse::<u16>() {
+            if port == 0 {
+                return Err(err("port 0 is not a port an app listens on"));
+            }
+            return Ok(Target {
+                authority: Authority::try_from(format!("localhost:{port}"))
+                    .map_err(|_| err("bad port"))?,
+                prefix: String::new(),
+            });
+        }
+        let with_scheme = if input_trimmed.contains("://") {
+            input_trimmed.to_owned()
+        } else {
+            format!("http://{input_trimmed}")
+        };
+        let uri: Uri = with_scheme.parse().map_err(|_| err("not a valid URL"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => {
+                return Err(err(
+                    "https targets are not supported yet; point ferry at the app's plain-HTTP port",
+                ))
+            }
+            _ => return Err(err("only http:// targets are supported")),
+        }
+        let authority = uri.authority().cloned().ok_or_else(|| err("no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(err("credentials in the URL are not supported"));
+        }
+        if authority.port_u16().is_none() && !input_trimmed.contains("://") {
+            return Err(err("no port"));
+        }
+        if uri.query().is_some() {
+            return Err(err("a target cannot have a query string"));
+        }
+        let prefix = uri.path().trim_end_matches('/').to_owned();
+        Ok(Target { authority, prefix })
+    }
+
+    /// The `host:port` the client connects to and sends as `Host`.
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    /// The URI for a request whose path and query below the session are `rest` (exactly as the
+    /// relay received it: empty, `/…` or `?…`). Anything else is refused, so a request head can
+    /// never point the client at another host.
+    pub fn uri_for(&self, rest: &str) -> Result<Uri, String> {
+        if !(rest.is_empty() || rest.starts_with('/') || rest.starts_with('?')) {
+            return Err(format!("request target {rest:?} is not a path"));
+        }
+        let mut path = String::with_capacity(self.prefix.len() + rest.len() + 1);
+        path.push_str(&self.prefix);
+        path.push_str(rest);
+        if !path.starts_with('/') {
+            path.insert(0, '/');
+        }
+        let path_and_query = PathAndQuery::try_from(path.as_str())
+            .map_err(|_| format!("invalid request path {path:?}"))?;
+        Uri::builder()
+            .scheme("http")
+            .authority(self.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|e| format!("invalid request URI: {e}"))
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "http://{}{}", self.authority, self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_forms() {
+        assert_eq!(
+            Target::parse("3000").unwrap().to_string(),
+            "http://localhost:3000"
+        );
+        assert_eq!(
+            Target::parse("127.0.0.1:8080").unwrap().to_string(),
+            "http://127.0.0.1:8080"
+        );
+        assert_eq!(
+            Target::parse("http://localhost:3000/webhooks/")
+                .unwrap()
+                .to_string(),
+            "http://localhost:3000/webhooks"
+        );
+        for bad in [
+            "",
+            "0",
+            "ftp://x:1",
+            "https://localhost:3000",
+            "localhost",
+            "http://u:p@h:1",
+            "http://h:1/?q=1",
+        ] {
+            assert!(Target::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn maps_paths_exactly() {
+        let plain = Target::parse("3000").unwrap();
+        assert_eq!(
+            plain.uri_for("").unwrap().to_string(),
+            "http://localhost:3000/"
+        );
+        assert_eq!(
+            plain.uri_for("/").unwrap().to_string(),
+            "http://localhost:3000/"
+        );
+        assert_eq!(
+            plain.uri_for("?x=1").unwrap().to_string(),
+            "http://localhost:3000/?x=1"
+        );
+        assert_eq!(
+            plain.uri_for("/a//b%2F?z=1&a=2").unwrap().to_string(),
+            "http://localhost:3000/a//b%2F?z=1&a=2"
+        );
+        let prefixed = Target::parse("http://localhost:3000/hooks").unwrap();
+        assert_eq!(
+            prefixed.uri_for("").unwrap().to_string(),
+            "http://localhost:3000/hooks"
+        );
+        assert_eq!(
+            prefixed.uri_for("/").unwrap().to_string(),
+            "http://localhost:3000/hooks/"
+        );
+        assert_eq!(
+            prefixed.uri_for("?x=1").unwrap().to_string(),
+            "http://localhost:3000/hooks?x=1"
+        );
+        assert_eq!(
+            prefixed.uri_for("/a").unwrap().to_string(),
+            "http://localhost:3000/hooks/a"
+        );
+    }
+
+    #[test]
+    fn never_leaves_the_target() {
+        let target = Target::parse("3000").unwrap();
+        for hostile in [
+            "http://evil.example/x",
+            "@evil.example/x",
+            "evil.example",
+            "//evil.example/x",
+        ] {
+            match target.uri_for(hostile) {
+                Ok(uri) => assert_eq!(
+                    uri.authority().unwrap().as_str(),
+                    "localhost:3000",
+                    "{hostile}"
+                ),
+                Err(_) => {}
+            }
+        }
+    }
+}
