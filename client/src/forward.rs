@@ -61,15 +61,8 @@ impl Forwarder {
         let this = self.clone();
         tokio::spawn(async move {
             let (sender, body, _, guard) = parts;
-            let exchange = this.exchange(head, sender, body, &guard);
-            tokio::select! {
-                event = exchange => {
-                    let _ = this.events.send(Event::Request(event)).await;
-                }
-                _ = guard.cancelled() => {
-                    debug!(reason = %guard.cancel_reason(), "exchange cancelled");
-                }
-            }
+            let event = this.exchange(head, sender, body, &guard).await;
+            let _ = this.events.send(Event::Request(event)).await;
         });
     }
 
@@ -100,7 +93,15 @@ impl Forwarder {
                     .path_and_query()
                     .map(|p| p.to_string())
                     .unwrap_or_default();
-                self.call(request).await
+                tokio::select! {
+                    outcome = self.call(request) => outcome,
+                    _ = guard.cancelled() => {
+                        event.status = 499;
+                        event.error = Some(format!("cancelled: {}", guard.cancel_reason()));
+                        event.duration_ms = millis(started.elapsed());
+                        return event;
+                    }
+                }
             }
             Err(detail) => Err((StatusCode::BAD_REQUEST, "bad request", detail)),
         };

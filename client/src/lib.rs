@@ -48,6 +48,8 @@ pub struct ClientConfig {
     pub heartbeat_timeout: Duration,
     /// Longest wait between reconnection attempts.
     pub max_backoff: Duration,
+    /// Flow-control counters of the tunnel, across reconnects (for tests and benchmarks).
+    pub stats: Arc<ferry_mux::MuxStats>,
 }
 
 impl ClientConfig {
@@ -61,6 +63,7 @@ impl ClientConfig {
             timeout: Duration::from_secs(30),
             heartbeat_timeout: Duration::from_secs(30),
             max_backoff: Duration::from_secs(30),
+            stats: Arc::default(),
         }
     }
 }
@@ -171,6 +174,7 @@ pub async fn run(
                 };
                 let mux_config = MuxConfig {
                     heartbeat_timeout: config.heartbeat_timeout,
+                    stats: config.stats.clone(),
                     ..MuxConfig::default()
                 };
                 let (mux, mut task) = Mux::spawn(ws, mux_config, handler);

@@ -34,6 +34,8 @@ pub struct MuxConfig {
     pub max_streams: usize,
     /// Capacity, in messages, of the queue in front of the WebSocket writer.
     pub send_queue: usize,
+    /// Counters to update; share one between connections to watch them all.
+    pub stats: Arc<MuxStats>,
 }
 
 impl Default for MuxConfig {
@@ -42,6 +44,7 @@ impl Default for MuxConfig {
             heartbeat_timeout: Duration::from_secs(30),
             max_streams: 1024,
             send_queue: 256,
+            stats: Arc::default(),
         }
     }
 }
@@ -81,7 +84,7 @@ pub(crate) struct Shared {
     streams: Mutex<HashMap<u32, Arc<Slot>>>,
     pub(crate) closed: CancellationToken,
     reason: Mutex<Option<String>>,
-    pub(crate) stats: MuxStats,
+    pub(crate) stats: Arc<MuxStats>,
     config: MuxConfig,
 }
 
@@ -244,7 +247,7 @@ impl Mux {
             streams: Mutex::new(HashMap::new()),
             closed: CancellationToken::new(),
             reason: Mutex::new(None),
-            stats: MuxStats::default(),
+            stats: config.stats.clone(),
             config,
         });
         let handle = MuxHandle {

@@ -102,6 +102,8 @@ pub struct RelayConfig {
     pub max_connections: usize,
     /// TLS, if the listener serves HTTPS.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Flow-control counters of every tunnel, for tests and benchmarks.
+    pub stats: Arc<ferry_mux::MuxStats>,
 }
 
 impl RelayConfig {
@@ -125,6 +127,7 @@ impl RelayConfig {
             max_sessions: 100_000,
             max_connections: 50_000,
             tls: None,
+            stats: Arc::default(),
         }
     }
 }

@@ -267,6 +267,7 @@ where
     }
     let mux_config = MuxConfig {
         heartbeat_timeout: relay.config.heartbeat_timeout,
+        stats: relay.config.stats.clone(),
         ..MuxConfig::default()
     };
     let (mux, task) = Mux::spawn(ws, mux_config, RelayHandler);
