@@ -1,0 +1,182 @@
+//! Two muxes wired back to back over an in-memory pipe: flow control, cancel, heartbeats.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use ferry_mux::{ControlHandler, Mux, MuxConfig, MuxHandle};
+use ferry_protocol::flow::{STREAM_WINDOW, WINDOW_UPDATE_THRESHOLD};
+use ferry_protocol::{Control, DataFrame};
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::BodyExt;
+use tokio::io::DuplexStream;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+struct Ignore;
+impl ControlHandler for Ignore {
+    fn on_control(&self, _: &MuxHandle, _: Control) {}
+}
+
+async fn socket_pair() -> (WebSocketStream<DuplexStream>, WebSocketStream<DuplexStream>) {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let a = WebSocketStream::from_raw_socket(a, Role::Server, None).await;
+    let b = WebSocketStream::from_raw_socket(b, Role::Client, None).await;
+    (a, b)
+}
+
+fn config() -> MuxConfig {
+    MuxConfig {
+        heartbeat_timeout: Duration::from_secs(30),
+        ..MuxConfig::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reader_that_does_not_read_holds_the_sender_to_one_window() {
+    let (a, b) = socket_pair().await;
+    let (mux_a, _task_a) = Mux::spawn(a, config(), Ignore);
+    let stats_b = std::sync::Arc::new(ferry_mux::MuxStats::default());
+    let (mux_b, _task_b) = Mux::spawn(
+        b,
+        MuxConfig {
+            stats: stats_b.clone(),
+            ..config()
+        },
+        Ignore,
+    );
+    let (sender, _, _, _guard_a) = mux_a.open_stream(1).unwrap();
+    let (_, body, _, _guard_b) = mux_b.open_stream(1).unwrap();
+
+    let total = 8 * 1024 * 1024;
+    let payload = Bytes::from(vec![7u8; total]);
+    let send = tokio::spawn({
+        let sender = sender.clone();
+        let payload = payload.clone();
+        async move { sender.send_data(payload, true).await }
+    });
+    // Nobody reads `body`: once every task is idle, paused time jumps ahead and this fires.
+    let stuck = tokio::time::timeout(Duration::from_secs(5), async {
+        while !send.is_finished() {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(stuck.is_err(), "the sender must block on an unread stream");
+    let buffered = stats_b.peak_buffered();
+    assert!(buffered <= STREAM_WINDOW as usize, "buffered {buffered} > window");
+    assert!(buffered >= (STREAM_WINDOW / 2) as usize, "window used: {buffered}");
+
+    // Reading lets the rest through, byte for byte.
+    let received = body.collect().await.unwrap().to_bytes();
+    assert_eq!(received.len(), total);
+    assert_eq!(received, payload);
+    send.await.unwrap().unwrap();
+    assert!(stats_b.peak_buffered() <= STREAM_WINDOW as usize);
+}
+
+#[tokio::test]
+async fn a_peer_exceeding_the_window_is_cut_off_with_a_protocol_error() {
+    let (a, mut raw) = socket_pair().await;
+    let (mux, task) = Mux::spawn(a, config(), Ignore);
+    let (_, _body, _, _guard) = mux.open_stream(1).unwrap();
+    let chunk = vec![1u8; 60 * 1024];
+    for _ in 0..5 {
+        // 5 × 60 KiB > 256 KiB window
+        let frame = DataFrame::encode(1, false, &chunk);
+        if raw.send(Message::Binary(frame)).await.is_err() {
+            break;
+        }
+    }
+    let reason = tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("connection closed")
+        .unwrap();
+    assert!(reason.contains("flow-control window"), "{reason}");
+    // The peer is told why before the close.
+    let mut told = false;
+    while let Some(Ok(msg)) = raw.next().await {
+        if let Message::Text(text) = msg {
+            if let Ok(Control::Error { message, .. }) = Control::decode(text.as_str()) {
+                told = message.contains("flow-control window");
+            }
+        }
+    }
+    assert!(told);
+}
+
+#[tokio::test]
+async fn malformed_frames_close_the_connection_without_panicking() {
+    for garbage in [
+        Message::Binary(Bytes::from_static(&[0, 0])),
+        Message::Binary(Bytes::from_static(&[0, 0, 0, 1, 0xff])),
+        Message::text("{not json"),
+        Message::text(r#"{"type":"window","stream":1,"increment":4294967295}"#),
+    ] {
+        let (a, mut raw) = socket_pair().await;
+        let (mux, task) = Mux::spawn(a, config(), Ignore);
+        let _stream = mux.open_stream(1).unwrap();
+        raw.send(garbage.clone()).await.unwrap();
+        let reason = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("connection closed")
+            .unwrap();
+        assert!(reason.contains("protocol error"), "{garbage:?}: {reason}");
+    }
+}
+
+#[tokio::test]
+async fn cancel_aborts_one_stream_and_leaves_the_others() {
+    let (a, b) = socket_pair().await;
+    let (mux_a, _ta) = Mux::spawn(a, config(), Ignore);
+    let (mux_b, _tb) = Mux::spawn(b, config(), Ignore);
+    let (send1, _, _, guard1) = mux_a.open_stream(1).unwrap();
+    let (send3, _, _, _guard3) = mux_a.open_stream(3).unwrap();
+    let (_, body1, _, _g1) = mux_b.open_stream(1).unwrap();
+    let (_, body3, _, _g3) = mux_b.open_stream(3).unwrap();
+
+    send1.send_data(Bytes::from_static(b"partial"), false).await.unwrap();
+    guard1.cancel("caller went away");
+    let err = body1.collect().await.err().expect("stream 1 aborted");
+    assert!(err.to_string().contains("caller went away"), "{err}");
+    assert!(send1.send_data(Bytes::from_static(b"more"), true).await.is_err());
+
+    send3.send_data(Bytes::from_static(b"whole body"), true).await.unwrap();
+    let body = body3.collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"whole body");
+    assert!(!mux_a.is_closed() && !mux_b.is_closed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_peer_is_declared_dead_within_the_heartbeat_timeout() {
+    let (a, _silent) = socket_pair().await; // `_silent` never reads nor writes
+    let started = tokio::time::Instant::now();
+    let (_mux, task) = Mux::spawn(
+        a,
+        MuxConfig {
+            heartbeat_timeout: Duration::from_secs(30),
+            ..MuxConfig::default()
+        },
+        Ignore,
+    );
+    let reason = task.await.unwrap();
+    let took = started.elapsed();
+    assert!(reason.contains("heartbeat timeout"), "{reason}");
+    assert!(took <= Duration::from_secs(30), "took {took:?}");
+    assert!(took >= Duration::from_secs(20), "too eager: {took:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_live_peer_is_never_declared_dead() {
+    let (a, b) = socket_pair().await;
+    let (mux_a, _ta) = Mux::spawn(a, config(), Ignore);
+    let (_mux_b, _tb) = Mux::spawn(b, config(), Ignore);
+    tokio::time::sleep(Duration::from_secs(300)).await; // paused clock: ten heartbeat timeouts
+    assert!(!mux_a.is_closed(), "{}", mux_a.close_reason());
+}
+
+#[test]
+fn window_updates_are_sent_before_the_window_runs_dry() {
+    const { assert!(WINDOW_UPDATE_THRESHOLD < STREAM_WINDOW) };
+}

@@ -1,0 +1,202 @@
+//! Relay and client fixtures: a relay on 127.0.0.1:0 and clients that wait for readiness.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ferry_client::{ClientConfig, ClientError, Event, Target};
+use ferry_relay::RelayConfig;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::WAIT_TIMEOUT as WAIT;
+
+/// The token test relays accept.
+pub const TOKEN: &str = "test-token-0123456789";
+
+/// A relay running in this process.
+pub struct TestRelay {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestRelay {
+    /// Starts a relay accepting [`TOKEN`] and `other-token`, with defaults.
+    pub async fn start() -> TestRelay {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a relay after `tweak` adjusts its configuration.
+    pub async fn start_with(tweak: impl FnOnce(&mut RelayConfig)) -> TestRelay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        Self::start_on(listener, tweak).await
+    }
+
+    /// Starts a relay on an already bound listener (to restart on the same port).
+    pub async fn start_on(listener: TcpListener, tweak: impl FnOnce(&mut RelayConfig)) -> TestRelay {
+        let addr = listener.local_addr().expect("relay addr");
+        let mut config = RelayConfig::new(
+            &format!("http://{addr}"),
+            vec![TOKEN.to_owned(), "other-token".to_owned()],
+        );
+        tweak(&mut config);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(ferry_relay::run(listener, config, async {
+            let _ = stopped.await;
+        }));
+        TestRelay {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// The relay's base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Sends the shutdown signal (like SIGTERM) without waiting.
+    pub fn signal_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Signals shutdown and waits for `run` to return.
+    pub async fn shutdown(mut self) -> std::io::Result<()> {
+        self.signal_shutdown();
+        let task = self.task.take().expect("relay task");
+        tokio::time::timeout(WAIT * 3, task)
+            .await
+            .expect("relay did not stop in time")
+            .expect("relay task panicked")
+    }
+
+    /// Waits for `run` to return after [`TestRelay::signal_shutdown`].
+    pub async fn join(mut self) -> std::io::Result<()> {
+        let task = self.task.take().expect("relay task");
+        tokio::time::timeout(WAIT * 3, task)
+            .await
+            .expect("relay did not stop in time")
+            .expect("relay task panicked")
+    }
+}
+
+impl Drop for TestRelay {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// A client running in this process, with its event stream.
+pub struct TestClient {
+    /// The session's public URL, from the ready event.
+    pub url: String,
+    /// The session id.
+    pub session: String,
+    events: mpsc::Receiver<Event>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), ClientError>>>,
+}
+
+/// Builds a client configuration for `relay` forwarding to `target`.
+pub fn client_config(relay: &str, target: &str) -> ClientConfig {
+    let target = Target::parse(target).expect("target");
+    let mut config = ClientConfig::new(relay, TOKEN, target);
+    config.max_backoff = Duration::from_millis(500);
+    config
+}
+
+impl TestClient {
+    /// Starts a client and waits until its session is ready.
+    pub async fn start(config: ClientConfig) -> TestClient {
+        let mut client = Self::spawn(config);
+        loop {
+            match client.next_event().await {
+                Event::Ready { url, session, .. } => {
+                    client.url = url;
+                    client.session = session;
+                    return client;
+                }
+                Event::Connecting { .. } | Event::Reconnecting { .. } => continue,
+                other => panic!("unexpected event before ready: {other:?}"),
+            }
+        }
+    }
+
+    /// Starts a client without waiting for anything.
+    pub fn spawn(config: ClientConfig) -> TestClient {
+        let (events_tx, events) = mpsc::channel(4096);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(ferry_client::run(config, events_tx, async {
+            let _ = stopped.await;
+        }));
+        TestClient {
+            url: String::new(),
+            session: String::new(),
+            events,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// The next event; panics after [`WAIT`].
+    pub async fn next_event(&mut self) -> Event {
+        tokio::time::timeout(WAIT, self.events.recv())
+            .await
+            .expect("no client event in time")
+            .expect("client event stream ended")
+    }
+
+    /// Skips events until `pick` returns something; panics after `within`.
+    pub async fn wait_for<T>(&mut self, within: Duration, mut pick: impl FnMut(&Event) -> Option<T>) -> T {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let event = tokio::time::timeout_at(deadline, self.events.recv())
+                .await
+                .expect("the awaited client event did not come in time")
+                .expect("client event stream ended");
+            if let Some(found) = pick(&event) {
+                return found;
+            }
+        }
+    }
+
+    /// Waits for the client to stop on its own and returns its result.
+    pub async fn finished(mut self) -> Result<(), ClientError> {
+        let task = self.task.take().expect("client task");
+        tokio::time::timeout(WAIT, task)
+            .await
+            .expect("client did not stop in time")
+            .expect("client task panicked")
+    }
+
+    /// Stops the client (like Ctrl+C) and waits.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let task = self.task.take().expect("client task");
+        let _ = tokio::time::timeout(WAIT, task).await;
+    }
+
+    /// Kills the client at once, as SIGKILL would: no goodbye to the relay.
+    pub fn kill(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for TestClient {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
