@@ -65,8 +65,14 @@ async fn a_reader_that_does_not_read_holds_the_sender_to_one_window() {
     .await;
     assert!(stuck.is_err(), "the sender must block on an unread stream");
     let buffered = stats_b.peak_buffered();
-    assert!(buffered <= STREAM_WINDOW as usize, "buffered {buffered} > window");
-    assert!(buffered >= (STREAM_WINDOW / 2) as usize, "window used: {buffered}");
+    assert!(
+        buffered <= STREAM_WINDOW as usize,
+        "buffered {buffered} > window"
+    );
+    assert!(
+        buffered >= (STREAM_WINDOW / 2) as usize,
+        "window used: {buffered}"
+    );
 
     // Reading lets the rest through, byte for byte.
     let received = body.collect().await.unwrap().to_bytes();
@@ -136,13 +142,22 @@ async fn cancel_aborts_one_stream_and_leaves_the_others() {
     let (_, body1, _, _g1) = mux_b.open_stream(1).unwrap();
     let (_, body3, _, _g3) = mux_b.open_stream(3).unwrap();
 
-    send1.send_data(Bytes::from_static(b"partial"), false).await.unwrap();
+    send1
+        .send_data(Bytes::from_static(b"partial"), false)
+        .await
+        .unwrap();
     guard1.cancel("caller went away");
     let err = body1.collect().await.err().expect("stream 1 aborted");
     assert!(err.to_string().contains("caller went away"), "{err}");
-    assert!(send1.send_data(Bytes::from_static(b"more"), true).await.is_err());
+    assert!(send1
+        .send_data(Bytes::from_static(b"more"), true)
+        .await
+        .is_err());
 
-    send3.send_data(Bytes::from_static(b"whole body"), true).await.unwrap();
+    send3
+        .send_data(Bytes::from_static(b"whole body"), true)
+        .await
+        .unwrap();
     let body = body3.collect().await.unwrap().to_bytes();
     assert_eq!(&body[..], b"whole body");
     assert!(!mux_a.is_closed() && !mux_b.is_closed());

@@ -35,7 +35,10 @@ impl TestRelay {
     }
 
     /// Starts a relay on an already bound listener (to restart on the same port).
-    pub async fn start_on(listener: TcpListener, tweak: impl FnOnce(&mut RelayConfig)) -> TestRelay {
+    pub async fn start_on(
+        listener: TcpListener,
+        tweak: impl FnOnce(&mut RelayConfig),
+    ) -> TestRelay {
         let addr = listener.local_addr().expect("relay addr");
         let mut config = RelayConfig::new(
             &format!("http://{addr}"),
@@ -154,7 +157,11 @@ impl TestClient {
     }
 
     /// Skips events until `pick` returns something; panics after `within`.
-    pub async fn wait_for<T>(&mut self, within: Duration, mut pick: impl FnMut(&Event) -> Option<T>) -> T {
+    pub async fn wait_for<T>(
+        &mut self,
+        within: Duration,
+        mut pick: impl FnMut(&Event) -> Option<T>,
+    ) -> T {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             let event = tokio::time::timeout_at(deadline, self.events.recv())

@@ -14,9 +14,17 @@ async fn tunnel(behaviour: Behaviour) -> (TestRelay, TestClient, Origin) {
 #[tokio::test]
 async fn every_method_reaches_the_app_with_path_and_query() {
     let (_relay, client, origin) = tunnel(Behaviour::Echo).await;
-    for method in ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD", "PROPFIND"] {
+    for method in [
+        "GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD", "PROPFIND",
+    ] {
         let method = Method::from_bytes(method.as_bytes()).unwrap();
-        let (status, headers, _) = send(method.clone(), &format!("{}/m/{method}?q=1", client.url), &[], Bytes::new()).await;
+        let (status, headers, _) = send(
+            method.clone(),
+            &format!("{}/m/{method}?q=1", client.url),
+            &[],
+            Bytes::new(),
+        )
+        .await;
         assert_eq!(status, 200, "{method}");
         let seen = origin.next_request().await;
         assert_eq!(seen.method, method.as_str());
@@ -38,21 +46,40 @@ async fn bodies_of_every_size_arrive_intact() {
         binary,
     ];
     for body in bodies {
-        let (status, _, echoed) = send(Method::POST, &format!("{}/hook", client.url), &[("content-type", "application/octet-stream")], body.clone()).await;
+        let (status, _, echoed) = send(
+            Method::POST,
+            &format!("{}/hook", client.url),
+            &[("content-type", "application/octet-stream")],
+            body.clone(),
+        )
+        .await;
         assert_eq!(status, 200);
         let seen = origin.next_request().await;
         assert_eq!(seen.body_len, body.len() as u64);
         assert_eq!(seen.body_sha256_hex, sha256_hex(&body));
-        assert_eq!(sha256_hex(&echoed), sha256_hex(&body), "response body intact");
+        assert_eq!(
+            sha256_hex(&echoed),
+            sha256_hex(&body),
+            "response body intact"
+        );
     }
 }
 
 #[tokio::test]
 async fn chunked_request_bodies_are_streamed_through() {
     let (_relay, client, origin) = tunnel(Behaviour::Echo).await;
-    let chunks: Vec<Bytes> = (0..50).map(|i| Bytes::from(vec![i as u8; 1000 + i])).collect();
+    let chunks: Vec<Bytes> = (0..50)
+        .map(|i| Bytes::from(vec![i as u8; 1000 + i]))
+        .collect();
     let whole: Vec<u8> = chunks.iter().flat_map(|c| c.to_vec()).collect();
-    let (status, _, echoed) = try_send(Method::POST, &format!("{}/chunked", client.url), &[], chunked_body(chunks)).await.unwrap();
+    let (status, _, echoed) = try_send(
+        Method::POST,
+        &format!("{}/chunked", client.url),
+        &[],
+        chunked_body(chunks),
+    )
+    .await
+    .unwrap();
     assert_eq!(status, 200);
     let seen = origin.next_request().await;
     assert_eq!(seen.body_sha256_hex, sha256_hex(&whole));
@@ -67,9 +94,13 @@ async fn paths_and_queries_pass_exactly_as_sent() {
         (format!("/{session}/a/b?x=1"), "/a/b?x=1"),
         (format!("/{session}"), "/"),
         (format!("/{session}?z=9&a=1&z=2"), "/?z=9&a=1&z=2"),
-        (format!("/{session}/p%2Fq//r/%E2%9C%93/../s?sig=a%2Bb%3D&empty=&flag"), "/p%2Fq//r/%E2%9C%93/../s?sig=a%2Bb%3D&empty=&flag"),
+        (
+            format!("/{session}/p%2Fq//r/%E2%9C%93/../s?sig=a%2Bb%3D&empty=&flag"),
+            "/p%2Fq//r/%E2%9C%93/../s?sig=a%2Bb%3D&empty=&flag",
+        ),
     ] {
-        let request = format!("GET {sent} HTTP/1.1\r\nhost: relay.test\r\nconnection: close\r\n\r\n");
+        let request =
+            format!("GET {sent} HTTP/1.1\r\nhost: relay.test\r\nconnection: close\r\n\r\n");
         let response = parse_response(&raw_http(relay.addr, request.as_bytes()).await).unwrap();
         assert_eq!(response.status, 200, "{sent}");
         assert_eq!(origin.next_request().await.uri, expected);
@@ -80,8 +111,18 @@ async fn paths_and_queries_pass_exactly_as_sent() {
 async fn a_target_path_prefix_is_put_in_front() {
     let origin = Origin::start(Behaviour::Echo).await;
     let relay = TestRelay::start().await;
-    let client = TestClient::start(client_config(&relay.url(), &format!("http://{}/webhooks", origin.addr()))).await;
-    send(Method::POST, &format!("{}/stripe?x=1", client.url), &[], "{}").await;
+    let client = TestClient::start(client_config(
+        &relay.url(),
+        &format!("http://{}/webhooks", origin.addr()),
+    ))
+    .await;
+    send(
+        Method::POST,
+        &format!("{}/stripe?x=1", client.url),
+        &[],
+        "{}",
+    )
+    .await;
     assert_eq!(origin.next_request().await.uri, "/webhooks/stripe?x=1");
     send(Method::POST, &client.url, &[], "{}").await;
     assert_eq!(origin.next_request().await.uri, "/webhooks");
@@ -98,7 +139,10 @@ async fn repeated_and_non_utf8_header_values_arrive_intact() {
     assert_eq!(seen.header_all("x-dup"), vec![&b"one"[..], b"two"]);
     assert_eq!(seen.header("x-latin").unwrap(), b"caf\xe9 \xff");
     assert_eq!(seen.header("x-spaces").unwrap(), b"a  b\t c");
-    assert_eq!(seen.header("stripe-signature").unwrap(), b"t=1700000000,v1=abc,v1=def");
+    assert_eq!(
+        seen.header("stripe-signature").unwrap(),
+        b"t=1700000000,v1=abc,v1=def"
+    );
 }
 
 #[tokio::test]
@@ -111,11 +155,23 @@ async fn forwarding_headers_are_added_and_hop_by_hop_ones_removed() {
     let response = parse_response(&raw_http(relay.addr, request.as_bytes()).await).unwrap();
     assert_eq!(response.status, 200);
     let seen = origin.next_request().await;
-    assert_eq!(seen.header_str("x-forwarded-for"), Some("203.0.113.9, 127.0.0.1"));
+    assert_eq!(
+        seen.header_str("x-forwarded-for"),
+        Some("203.0.113.9, 127.0.0.1")
+    );
     assert_eq!(seen.header_str("x-forwarded-proto"), Some("http"));
-    assert_eq!(seen.header_str("x-forwarded-host"), Some("hooks.example.com"));
-    assert_eq!(seen.header_str("x-forwarded-prefix"), Some(format!("/{}", client.session).as_str()));
-    assert_eq!(seen.header_str("host"), Some(origin.addr().to_string().as_str()));
+    assert_eq!(
+        seen.header_str("x-forwarded-host"),
+        Some("hooks.example.com")
+    );
+    assert_eq!(
+        seen.header_str("x-forwarded-prefix"),
+        Some(format!("/{}", client.session).as_str())
+    );
+    assert_eq!(
+        seen.header_str("host"),
+        Some(origin.addr().to_string().as_str())
+    );
     for hop in ["x-hop", "keep-alive", "te"] {
         assert!(seen.header(hop).is_none(), "{hop} must be stripped");
     }
@@ -128,9 +184,14 @@ async fn the_apps_status_headers_and_body_come_back() {
         .header("set-cookie", "b=2")
         .header("x-app", "teapot");
     let (_relay, client, _origin) = tunnel(Behaviour::Fixed(response)).await;
-    let (status, headers, body) = send(Method::POST, &format!("{}/brew", client.url), &[], "{}").await;
+    let (status, headers, body) =
+        send(Method::POST, &format!("{}/brew", client.url), &[], "{}").await;
     assert_eq!(status, 418);
-    let cookies: Vec<_> = headers.get_all("set-cookie").iter().map(|v| v.to_str().unwrap().to_owned()).collect();
+    let cookies: Vec<_> = headers
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
     assert_eq!(cookies, ["a=1", "b=2"]);
     assert_eq!(headers.get("x-app").unwrap(), "teapot");
     assert_eq!(&body[..], b"short and stout");
@@ -138,8 +199,12 @@ async fn the_apps_status_headers_and_body_come_back() {
 
 #[tokio::test]
 async fn the_apps_own_errors_are_relayed_not_masked() {
-    let (_relay, client, _origin) = tunnel(Behaviour::Fixed(FixedResponse::new(500, "app exploded").header("x-trace", "t1"))).await;
-    let (status, headers, body) = send(Method::POST, &format!("{}/hook", client.url), &[], "{}").await;
+    let (_relay, client, _origin) = tunnel(Behaviour::Fixed(
+        FixedResponse::new(500, "app exploded").header("x-trace", "t1"),
+    ))
+    .await;
+    let (status, headers, body) =
+        send(Method::POST, &format!("{}/hook", client.url), &[], "{}").await;
     assert_eq!(status, 500);
     assert_eq!(headers.get("x-trace").unwrap(), "t1");
     assert_eq!(&body[..], b"app exploded");
@@ -154,10 +219,20 @@ async fn a_hundred_concurrent_requests_each_reach_the_app_once_and_answer_their_
         let http = http.clone();
         let url = format!("{}/n/{i}", client.url);
         tasks.push(tokio::spawn(async move {
-            let body = format!("{{\"request\":{i},\"pad\":\"{}\"}}", "x".repeat(i as usize * 37));
-            let (status, _, echoed) = send_with(&http, Method::POST, &url, &[], full_body(body.clone())).await.unwrap();
+            let body = format!(
+                "{{\"request\":{i},\"pad\":\"{}\"}}",
+                "x".repeat(i as usize * 37)
+            );
+            let (status, _, echoed) =
+                send_with(&http, Method::POST, &url, &[], full_body(body.clone()))
+                    .await
+                    .unwrap();
             assert_eq!(status, 200);
-            assert_eq!(echoed, body.as_bytes(), "request {i} got someone else's answer");
+            assert_eq!(
+                echoed,
+                body.as_bytes(),
+                "request {i} got someone else's answer"
+            );
         }));
     }
     for task in tasks {
@@ -176,7 +251,15 @@ async fn http2_callers_are_served() {
     let http2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(true)
         .build_http::<TestBody>();
-    let (status, _, body) = send_with(&http2, Method::POST, &format!("{}/h2?v=2", client.url), &[("x-sig", "abc")], full_body("over h2")).await.unwrap();
+    let (status, _, body) = send_with(
+        &http2,
+        Method::POST,
+        &format!("{}/h2?v=2", client.url),
+        &[("x-sig", "abc")],
+        full_body("over h2"),
+    )
+    .await
+    .unwrap();
     assert_eq!(status, 200);
     assert_eq!(&body[..], b"over h2");
     let seen = origin.next_request().await;

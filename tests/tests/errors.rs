@@ -1,0 +1,221 @@
+//! Every way a webhook can fail gets a status that fits and a body that names the problem.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use ferry_tests::*;
+use http::Method;
+
+fn json(body: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(body)
+        .unwrap_or_else(|_| panic!("JSON error body, got {:?}", String::from_utf8_lossy(body)))
+}
+
+#[tokio::test]
+async fn unknown_session_is_404() {
+    let relay = TestRelay::start().await;
+    let (status, _, body) = send(
+        Method::POST,
+        &format!("{}/no-such-session/hook", relay.url()),
+        &[],
+        "{}",
+    )
+    .await;
+    assert_eq!(status, 404);
+    let body = json(&body);
+    assert_eq!(body["error"], "unknown session");
+    assert!(body["detail"].as_str().unwrap().contains("no-such-session"));
+}
+
+#[tokio::test]
+async fn relay_paths_are_never_routed_to_sessions() {
+    let relay = TestRelay::start().await;
+    let (status, _, body) = send(
+        Method::GET,
+        &format!("{}/_ferry/health", relay.url()),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(json(&body)["status"], "ok");
+    let (status, _, _) = send(
+        Method::POST,
+        &format!("{}/_ferry/anything", relay.url()),
+        &[],
+        "{}",
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, _, body) = send(
+        Method::GET,
+        &format!("{}/_ferry/v1/connect", relay.url()),
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(status, 401, "the tunnel endpoint wants a token first");
+    assert!(json(&body)["detail"].as_str().unwrap().contains("Bearer"));
+    let (status, _, body) = send(
+        Method::GET,
+        &format!("{}/_ferry/v1/connect", relay.url()),
+        &[("authorization", "Bearer nope")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(status, 401);
+    assert_eq!(json(&body)["error"], "unauthorized");
+}
+
+#[tokio::test]
+async fn a_known_session_without_a_client_is_503_with_retry_after() {
+    let origin = Origin::start(Behaviour::Echo).await;
+    let relay = TestRelay::start().await;
+    let mut config = client_config(&relay.url(), &origin.addr().to_string());
+    config.name = Some("gone-away".into());
+    let client = TestClient::start(config).await;
+    let url = client.url.clone();
+    client.stop().await;
+    let (status, headers, body) = send(Method::POST, &format!("{url}/hook"), &[], "{}").await;
+    assert_eq!(status, 503);
+    assert!(headers.get("retry-after").is_some());
+    assert_eq!(json(&body)["error"], "no client connected");
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_answer_in_time_is_504() {
+    let origin = Origin::start(Behaviour::Hang).await;
+    let relay = TestRelay::start_with(|c| c.timeout = Duration::from_millis(300)).await;
+    let client = TestClient::start(client_config(&relay.url(), &origin.addr().to_string())).await;
+    let (status, _, body) = send(Method::POST, &format!("{}/slow", client.url), &[], "{}").await;
+    assert_eq!(status, 504);
+    assert_eq!(json(&body)["error"], "client timeout");
+}
+
+#[tokio::test]
+async fn the_clients_own_timeout_answers_504_naming_the_target() {
+    let origin = Origin::start(Behaviour::Hang).await;
+    let relay = TestRelay::start().await;
+    let mut config = client_config(&relay.url(), &origin.addr().to_string());
+    config.timeout = Duration::from_millis(300);
+    let mut client = TestClient::start(config).await;
+    let (status, _, body) = send(Method::POST, &format!("{}/slow", client.url), &[], "{}").await;
+    assert_eq!(status, 504);
+    let body = json(&body);
+    assert!(body["detail"]
+        .as_str()
+        .unwrap()
+        .contains(&origin.addr().to_string()));
+    let event = client
+        .wait_for(WAIT_TIMEOUT, |e| match e {
+            ferry_client::Event::Request(r) => Some(r.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(event.status, 504);
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_413_without_reading_it() {
+    let origin = Origin::start(Behaviour::Echo).await;
+    let relay = TestRelay::start_with(|c| c.max_body = 1000).await;
+    let client = TestClient::start(client_config(&relay.url(), &origin.addr().to_string())).await;
+    // Declared length over the limit: refused from the head, before any body byte is sent.
+    let head = format!(
+        "POST /{}/big HTTP/1.1\r\nhost: r\r\ncontent-length: 5000000\r\n\r\n",
+        client.session
+    );
+    let response = parse_response(&raw_http(relay.addr, head.as_bytes()).await).unwrap();
+    assert_eq!(response.status, 413);
+    assert_eq!(json(&response.body)["error"], "body too large");
+    // Chunked, no declared length: cut off once it passes the limit.
+    let chunks = vec![Bytes::from(vec![b'a'; 600]), Bytes::from(vec![b'b'; 600])];
+    let (status, _, body) = try_send(
+        Method::POST,
+        &format!("{}/big", client.url),
+        &[],
+        chunked_body(chunks),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 413);
+    assert_eq!(json(&body)["error"], "body too large");
+    // At the limit is fine.
+    let (status, _, _) = send(
+        Method::POST,
+        &format!("{}/ok", client.url),
+        &[],
+        vec![b'c'; 1000],
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn malformed_requests_are_400() {
+    let relay = TestRelay::start().await;
+    for garbage in [
+        &b"NOT HTTP AT ALL\r\n\r\n"[..],
+        b"GET /x HTTP/1.1\r\nbad header line\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nhost: r\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab",
+    ] {
+        let response = raw_http_to_eof(relay.addr, garbage).await;
+        let text = String::from_utf8_lossy(&response);
+        assert!(
+            text.starts_with("HTTP/1.1 400"),
+            "{:?} -> {text:?}",
+            String::from_utf8_lossy(garbage)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_local_app_that_is_down_gives_502_naming_target_and_cause() {
+    let down = Origin::refusing_addr();
+    let relay = TestRelay::start().await;
+    let mut client = TestClient::start(client_config(&relay.url(), &down.to_string())).await;
+    let (status, _, body) = send(Method::POST, &format!("{}/hook", client.url), &[], "{}").await;
+    assert_eq!(status, 502);
+    let body = json(&body);
+    let detail = body["detail"].as_str().unwrap();
+    assert!(detail.contains(&down.to_string()), "{detail}");
+    assert!(detail.to_lowercase().contains("refused"), "{detail}");
+    let event = client
+        .wait_for(WAIT_TIMEOUT, |e| match e {
+            ferry_client::Event::Request(r) => Some(r.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(event.status, 502);
+    assert!(event.error.unwrap().contains("refused"));
+}
+
+#[tokio::test]
+async fn an_app_that_drops_the_connection_gives_502() {
+    let (relay, origin) = (
+        TestRelay::start().await,
+        Origin::start(Behaviour::Close).await,
+    );
+    let client = TestClient::start(client_config(&relay.url(), &origin.addr().to_string())).await;
+    let (status, _, body) = send(Method::POST, &format!("{}/hook", client.url), &[], "{}").await;
+    assert_eq!(status, 502);
+    assert_eq!(json(&body)["error"], "local app unreachable");
+}
+
+#[tokio::test]
+async fn a_malformed_chunked_body_is_400_and_the_tunnel_carries_on() {
+    let (relay, origin) = (
+        TestRelay::start().await,
+        Origin::start(Behaviour::Echo).await,
+    );
+    let client = TestClient::start(client_config(&relay.url(), &origin.addr().to_string())).await;
+    let request = format!(
+        "POST /{}/x HTTP/1.1\r\nhost: r\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+        client.session
+    );
+    let response = parse_response(&raw_http_to_eof(relay.addr, request.as_bytes()).await).unwrap();
+    assert_eq!(response.status, 400);
+    assert_eq!(json(&response.body)["error"], "bad request body");
+    let (status, _, _) = send(Method::POST, &format!("{}/after", client.url), &[], "{}").await;
+    assert_eq!(status, 200);
+}
