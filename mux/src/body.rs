@@ -57,16 +57,14 @@ impl TunnelBody {
         if self.unreturned < WINDOW_UPDATE_THRESHOLD {
             return Poll::Ready(());
         }
-        match ready!(self.out.poll_reserve(cx)) {
-            Ok(()) => {
-                let msg = Control::Window {
-                    stream: self.slot.id,
-                    increment: self.unreturned,
-                };
-                let _ = self.out.send_item(Message::text(msg.encode()));
-                self.slot.credit_returned(self.unreturned);
-            }
-            Err(_) => {} // connection gone: nobody to return credit to
+        // If the connection is gone there is nobody to return credit to.
+        if ready!(self.out.poll_reserve(cx)).is_ok() {
+            let msg = Control::Window {
+                stream: self.slot.id,
+                increment: self.unreturned,
+            };
+            let _ = self.out.send_item(Message::text(msg.encode()));
+            self.slot.credit_returned(self.unreturned);
         }
         self.unreturned = 0;
         Poll::Ready(())

@@ -414,9 +414,12 @@ async fn write_loop<S>(
     };
     // A write stuck on a peer that stopped reading is abandoned as soon as the connection is
     // declared closed (by the reader's heartbeat watchdog, say).
+    // `work` is polled first, so whatever is queued and writable when the close comes (a last
+    // error message, say) still goes out.
     let result: Result<(), String> = tokio::select! {
-        _ = shared.closed.cancelled() => Ok(()),
+        biased;
         result = work => result,
+        _ = shared.closed.cancelled() => Ok(()),
     };
     if let Err(err) = result {
         shared.close(&format!("connection error: {err}"));

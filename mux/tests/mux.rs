@@ -19,7 +19,13 @@ impl ControlHandler for Ignore {
 }
 
 async fn socket_pair() -> (WebSocketStream<DuplexStream>, WebSocketStream<DuplexStream>) {
-    let (a, b) = tokio::io::duplex(64 * 1024);
+    socket_pair_with_buffer(64 * 1024).await
+}
+
+async fn socket_pair_with_buffer(
+    buffer: usize,
+) -> (WebSocketStream<DuplexStream>, WebSocketStream<DuplexStream>) {
+    let (a, b) = tokio::io::duplex(buffer);
     let a = WebSocketStream::from_raw_socket(a, Role::Server, None).await;
     let b = WebSocketStream::from_raw_socket(b, Role::Client, None).await;
     (a, b)
@@ -84,16 +90,16 @@ async fn a_reader_that_does_not_read_holds_the_sender_to_one_window() {
 
 #[tokio::test]
 async fn a_peer_exceeding_the_window_is_cut_off_with_a_protocol_error() {
-    let (a, mut raw) = socket_pair().await;
+    // A pipe roomy enough that the misbehaving peer's writes never block: it must be able to
+    // read the error afterwards, with nothing of its own left unflushed.
+    let (a, mut raw) = socket_pair_with_buffer(1024 * 1024).await;
     let (mux, task) = Mux::spawn(a, config(), Ignore);
     let (_, _body, _, _guard) = mux.open_stream(1).unwrap();
     let chunk = vec![1u8; 60 * 1024];
     for _ in 0..5 {
         // 5 × 60 KiB > 256 KiB window
         let frame = DataFrame::encode(1, false, &chunk);
-        if raw.send(Message::Binary(frame)).await.is_err() {
-            break;
-        }
+        raw.send(Message::Binary(frame)).await.unwrap();
     }
     let reason = tokio::time::timeout(Duration::from_secs(5), task)
         .await
@@ -147,7 +153,7 @@ async fn cancel_aborts_one_stream_and_leaves_the_others() {
         .await
         .unwrap();
     guard1.cancel("caller went away");
-    let err = body1.collect().await.err().expect("stream 1 aborted");
+    let err = body1.collect().await.expect_err("stream 1 aborted");
     assert!(err.to_string().contains("caller went away"), "{err}");
     assert!(send1
         .send_data(Bytes::from_static(b"more"), true)
