@@ -242,7 +242,29 @@ impl Mux {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         H: ControlHandler,
     {
+        let (handle, pending) = Self::prepare(ws, config, handler, None);
+        (handle, pending.start())
+    }
+
+    /// Sets a connection up without starting it: the handle can be published first (so that
+    /// requests may be queued at once), then [`PendingMux::start`] runs it. `greeting` is
+    /// written before anything else queued on the connection.
+    pub fn prepare<S, H>(
+        ws: WebSocketStream<S>,
+        config: MuxConfig,
+        handler: H,
+        greeting: Option<Control>,
+    ) -> (MuxHandle, PendingMux<S, H>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        H: ControlHandler,
+    {
         let (out_tx, out_rx) = mpsc::channel(config.send_queue);
+        if let Some(greeting) = greeting {
+            out_tx
+                .try_send(Message::text(greeting.encode()))
+                .expect("a fresh queue has room");
+        }
         let shared = Arc::new(Shared {
             streams: Mutex::new(HashMap::new()),
             closed: CancellationToken::new(),
@@ -251,18 +273,48 @@ impl Mux {
             config,
         });
         let handle = MuxHandle {
-            shared: shared.clone(),
+            shared,
             out: out_tx,
         };
+        let pending = PendingMux {
+            ws,
+            out_rx,
+            handler,
+            handle: handle.clone(),
+        };
+        (handle, pending)
+    }
+}
+
+/// A connection set up by [`Mux::prepare`], not yet running.
+pub struct PendingMux<S, H> {
+    ws: WebSocketStream<S>,
+    out_rx: mpsc::Receiver<Message>,
+    handler: H,
+    handle: MuxHandle,
+}
+
+impl<S, H> PendingMux<S, H>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: ControlHandler,
+{
+    /// Starts the reader and writer. The returned task ends, with the reason, when the
+    /// connection does.
+    pub fn start(self) -> JoinHandle<String> {
+        let PendingMux {
+            ws,
+            out_rx,
+            handler,
+            handle,
+        } = self;
         let (sink, stream) = ws.split();
-        let writer = tokio::spawn(write_loop(sink, out_rx, shared.clone()));
-        let reader_handle = handle.clone();
-        let task = tokio::spawn(async move {
-            read_loop(stream, &reader_handle, &handler).await;
+        let writer = tokio::spawn(write_loop(sink, out_rx, handle.shared.clone()));
+        tokio::spawn(async move {
+            read_loop(stream, &handle, &handler).await;
             let _ = writer.await;
-            reader_handle.close_reason()
-        });
-        (handle, task)
+            handle.close_reason()
+        })
     }
 }
 

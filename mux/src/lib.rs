@@ -17,7 +17,7 @@ mod connection;
 mod stream;
 
 pub use body::{BodyError, TunnelBody};
-pub use connection::{ControlHandler, Mux, MuxConfig, MuxHandle, MuxStats};
+pub use connection::{ControlHandler, Mux, MuxConfig, MuxHandle, MuxStats, PendingMux};
 pub use stream::{PumpError, StreamGuard, StreamSender};
 
 /// Errors of a multiplexed connection.

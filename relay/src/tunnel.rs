@@ -252,29 +252,26 @@ where
             .await;
         });
     }
-    // The welcome goes out on the raw socket, before the mux starts and before the session is
-    // routable, so it always precedes the first request head.
+    // The welcome is the first message the mux writes, ahead of any request head, and the
+    // session is routable before the mux starts: a client that says "ready" can be called
+    // at once.
     let welcome = Control::Welcome {
         session: session.id.clone(),
         url: format!("{}/{}", relay.config.public_url, session.id),
         resume_secret: granted.resume_secret,
         agent: concat!("ferry-relay/", env!("CARGO_PKG_VERSION")).to_owned(),
     };
-    let sent = tokio::time::timeout(HELLO_TIMEOUT, ws.send(Message::text(welcome.encode()))).await;
-    if !matches!(sent, Ok(Ok(()))) {
-        relay.registry.disconnect(&session, granted.generation);
-        return;
-    }
     let mux_config = MuxConfig {
         heartbeat_timeout: relay.config.heartbeat_timeout,
         stats: relay.config.stats.clone(),
         ..MuxConfig::default()
     };
-    let (mux, task) = Mux::spawn(ws, mux_config, RelayHandler);
-    if !relay
+    let (mux, pending) = Mux::prepare(ws, mux_config, RelayHandler, Some(welcome));
+    let routable = relay
         .registry
-        .go_live(&session, granted.generation, mux.clone())
-    {
+        .go_live(&session, granted.generation, mux.clone());
+    let task = pending.start();
+    if !routable {
         mux.close_with_error(
             ErrorCode::TakenOver,
             "another client with the same token took over this session",
