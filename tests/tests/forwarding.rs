@@ -266,3 +266,40 @@ async fn http2_callers_are_served() {
     assert_eq!(seen.uri, "/h2?v=2");
     assert_eq!(seen.header_str("x-sig"), Some("abc"));
 }
+
+#[tokio::test]
+async fn absolute_form_requests_and_foreign_hosts_cannot_redirect_the_client() {
+    let (relay, client, origin) = tunnel(Behaviour::Echo).await;
+    let request = format!(
+        "POST http://evil.example:81/{}/x?y=1 HTTP/1.1\r\nHost: evil.example:81\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+        client.session
+    );
+    let response = parse_response(&raw_http(relay.addr, request.as_bytes()).await).unwrap();
+    assert_eq!(response.status, 200);
+    let seen = origin.next_request().await;
+    assert_eq!(seen.uri, "/x?y=1");
+    assert_eq!(
+        seen.header_str("host"),
+        Some(origin.addr().to_string().as_str())
+    );
+    assert_eq!(seen.header_str("x-forwarded-host"), Some("evil.example:81"));
+}
+
+#[tokio::test]
+async fn response_header_values_that_are_not_utf8_come_back_intact() {
+    let (relay, client, _origin) = tunnel(Behaviour::Fixed(
+        FixedResponse::new(200, "ok")
+            .header("x-latin", b"caf\xe9".as_slice())
+            .header("x-dup", "1")
+            .header("x-dup", "2"),
+    ))
+    .await;
+    let request = format!(
+        "GET /{}/ HTTP/1.1\r\nHost: r\r\nConnection: close\r\n\r\n",
+        client.session
+    );
+    let response = parse_response(&raw_http(relay.addr, request.as_bytes()).await).unwrap();
+    assert_eq!(response.header("x-latin").unwrap(), b"caf\xe9");
+    assert_eq!(response.header_all("x-dup"), vec![&b"1"[..], b"2"]);
+    assert_eq!(response.body, b"ok");
+}
