@@ -24,6 +24,9 @@ use tracing::{debug, warn};
 use crate::stream::{DeliverError, Slot, StreamGuard, StreamSender};
 use crate::{MuxError, TunnelBody};
 
+/// Most messages written between two flushes of the WebSocket.
+const MAX_BATCH: usize = 64;
+
 /// Settings of one multiplexed connection.
 #[derive(Debug, Clone)]
 pub struct MuxConfig {
@@ -452,8 +455,10 @@ async fn write_loop<S>(
                 msg = out.recv() => {
                     let Some(msg) = msg else { return Ok(()) };
                     sink.feed(msg).await.map_err(|e| e.to_string())?;
-                    // Batch whatever else is already queued into the same flush.
-                    while let Ok(msg) = out.try_recv() {
+                    // Batch what else is already queued into the same flush (a bounded
+                    // batch, so a busy queue cannot hold back what is already buffered).
+                    for _ in 0..MAX_BATCH {
+                        let Ok(msg) = out.try_recv() else { break };
                         sink.feed(msg).await.map_err(|e| e.to_string())?;
                     }
                     sink.flush().await.map_err(|e| e.to_string())?;

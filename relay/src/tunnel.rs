@@ -28,7 +28,7 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) fn websocket_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(8 * 1024)
-        .write_buffer_size(0)
+        .write_buffer_size(64 * 1024)
         .max_write_buffer_size(4 * 1024 * 1024)
         .max_message_size(Some(ferry_protocol::MAX_CONTROL_LEN + 1024))
         .max_frame_size(Some(ferry_protocol::MAX_CONTROL_LEN + 1024))
