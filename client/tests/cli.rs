@@ -73,8 +73,31 @@ fn lines(reader: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> 
     rx
 }
 
-fn ferry(args: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_ferry"))
+/// A running `ferry`, killed when dropped so a failing test leaves no process behind.
+struct Ferry(Child);
+
+impl std::ops::Deref for Ferry {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Ferry {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Ferry {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn ferry(args: &[&str]) -> Ferry {
+    Ferry(Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(args)
         .env_remove("FERRY_RELAY")
         .env_remove("FERRY_TOKEN")
@@ -82,7 +105,7 @@ fn ferry(args: &[&str]) -> Child {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("run ferry")
+        .expect("run ferry"))
 }
 
 fn wait_exit(child: &mut Child) -> std::process::ExitStatus {

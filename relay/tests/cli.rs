@@ -9,7 +9,7 @@ const WAIT: Duration = Duration::from_secs(15);
 
 #[test]
 fn without_tokens_it_generates_one_prints_a_client_command_and_stops_on_sigterm() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry-relay"))
+    let child = Command::new(env!("CARGO_BIN_EXE_ferry-relay"))
         .args(["--listen", "127.0.0.1:0"])
         .env_remove("FERRY_TOKENS")
         .env_remove("FERRY_LISTEN")
@@ -19,6 +19,16 @@ fn without_tokens_it_generates_one_prints_a_client_command_and_stops_on_sigterm(
         .stderr(Stdio::piped())
         .spawn()
         .expect("run ferry-relay");
+    // Killed when dropped, so a failing assertion leaves no relay running.
+    struct Guard(std::process::Child);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut guard = Guard(child);
+    let child = &mut guard.0;
     let (tx, rx) = mpsc::channel();
     let stderr = child.stderr.take().unwrap();
     std::thread::spawn(move || {
