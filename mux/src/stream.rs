@@ -29,6 +29,18 @@ pub(crate) enum DeliverError {
     Violation(&'static str),
 }
 
+/// Queues `item` for the body. A full queue means the peer ignored the window; a closed one
+/// only that the body's reader stopped early (a local app that answered before reading it
+/// all, say), so the rest is dropped.
+fn push(tx: &mpsc::Sender<Inbound>, item: Inbound) -> Result<(), DeliverError> {
+    match tx.try_send(item) {
+        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => Ok(()),
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(DeliverError::Violation("peer sent more frames than the window allows"))
+        }
+    }
+}
+
 /// A stream's entry in the connection's table, shared by the reader, the sender and the body.
 pub(crate) struct Slot {
     pub(crate) id: u32,
@@ -89,15 +101,11 @@ impl Slot {
             let len = frame.payload.len();
             let buffered = self.buffered.fetch_add(len, Ordering::AcqRel) + len;
             self.shared.stats.note_buffered(buffered);
-            if tx.try_send(Inbound::Data(frame.payload)).is_err() {
-                return Err(DeliverError::Violation("peer sent too many frames"));
-            }
+            push(tx, Inbound::Data(frame.payload))?;
         }
         if frame.end {
             self.inbound_ended.store(true, Ordering::Release);
-            if tx.try_send(Inbound::End).is_err() {
-                return Err(DeliverError::Violation("peer sent too many frames"));
-            }
+            push(tx, Inbound::End)?;
         }
         Ok(())
     }

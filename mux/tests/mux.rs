@@ -201,3 +201,21 @@ async fn a_live_peer_is_never_declared_dead() {
 fn window_updates_are_sent_before_the_window_runs_dry() {
     const { assert!(WINDOW_UPDATE_THRESHOLD < STREAM_WINDOW) };
 }
+
+#[tokio::test]
+async fn a_body_dropped_early_does_not_break_the_connection() {
+    let (a, b) = socket_pair().await;
+    let (mux_a, _ta) = Mux::spawn(a, config(), Ignore);
+    let (mux_b, _tb) = Mux::spawn(b, config(), Ignore);
+    let (send, _, _, _ga) = mux_a.open_stream(1).unwrap();
+    let (_, body, _, _gb) = mux_b.open_stream(1).unwrap();
+    drop(body); // the local app answered without reading the rest
+    send.send_data(Bytes::from_static(b"late"), false).await.unwrap();
+    send.send_data(Bytes::new(), true).await.unwrap();
+    // The connection still carries other streams.
+    let (send3, _, _, _ga3) = mux_a.open_stream(3).unwrap();
+    let (_, body3, _, _gb3) = mux_b.open_stream(3).unwrap();
+    send3.send_data(Bytes::from_static(b"fine"), true).await.unwrap();
+    assert_eq!(&body3.collect().await.unwrap().to_bytes()[..], b"fine");
+    assert!(!mux_a.is_closed() && !mux_b.is_closed());
+}
