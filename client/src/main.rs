@@ -6,6 +6,11 @@ use clap::Parser as _;
 use ferry_client::{run, Cli, ClientConfig, Command, Console, Target};
 use tracing_subscriber::EnvFilter;
 
+// mimalloc: per-request allocations (heads, frames, tasks) are small and short-lived, and
+// glibc malloc showed up high in the profile (see docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -50,16 +55,23 @@ async fn main_async(cli: Cli) -> Result<(), String> {
     let mut console = Console::new(args.json);
     let printer = tokio::spawn(async move {
         use std::io::Write as _;
-        while let Some(event) = events_rx.recv().await {
-            if let Some((line, to_stderr)) = console.render(&event) {
-                if to_stderr {
-                    eprintln!("{line}");
-                } else {
-                    let mut stdout = std::io::stdout().lock();
-                    let _ = writeln!(stdout, "{line}");
-                    let _ = stdout.flush();
+        let mut batch = Vec::with_capacity(64);
+        // One write and flush per batch of queued events, not per request.
+        while events_rx.recv_many(&mut batch, 256).await > 0 {
+            let mut out = String::new();
+            for event in batch.drain(..) {
+                if let Some((line, to_stderr)) = console.render(&event) {
+                    if to_stderr {
+                        eprintln!("{line}");
+                    } else {
+                        out.push_str(&line);
+                        out.push('\n');
+                    }
                 }
             }
+            let mut stdout = std::io::stdout().lock();
+            let _ = stdout.write_all(out.as_bytes());
+            let _ = stdout.flush();
         }
     });
     let result = run(config, events_tx, async {

@@ -97,15 +97,17 @@ impl Drop for Ferry {
 }
 
 fn ferry(args: &[&str]) -> Ferry {
-    Ferry(Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(args)
-        .env_remove("FERRY_RELAY")
-        .env_remove("FERRY_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run ferry"))
+    Ferry(
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(args)
+            .env_remove("FERRY_RELAY")
+            .env_remove("FERRY_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run ferry"),
+    )
 }
 
 fn wait_exit(child: &mut Child) -> std::process::ExitStatus {

@@ -167,6 +167,13 @@ impl MuxHandle {
             }
             streams.insert(id, slot.clone());
         }
+        // `close` cancels, then drains the table: a slot inserted after that drain is caught
+        // here instead.
+        if self.shared.closed.is_cancelled() {
+            self.shared.remove(id);
+            slot.abort(&self.shared.close_reason());
+            return Err(MuxError::Closed(self.shared.close_reason()));
+        }
         let guard = StreamGuard {
             slot: slot.clone(),
             shared: self.shared.clone(),

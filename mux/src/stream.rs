@@ -35,9 +35,9 @@ pub(crate) enum DeliverError {
 fn push(tx: &mpsc::Sender<Inbound>, item: Inbound) -> Result<(), DeliverError> {
     match tx.try_send(item) {
         Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => Ok(()),
-        Err(mpsc::error::TrySendError::Full(_)) => {
-            Err(DeliverError::Violation("peer sent more frames than the window allows"))
-        }
+        Err(mpsc::error::TrySendError::Full(_)) => Err(DeliverError::Violation(
+            "peer sent more frames than the window allows",
+        )),
     }
 }
 
@@ -75,7 +75,9 @@ impl Slot {
             inbound_ended: AtomicBool::new(false),
             send_credit: Semaphore::new(STREAM_WINDOW as usize),
             head: Mutex::new(Some(head)),
-            cancel: shared.closed.child_token(),
+            // Not a child of the connection token: `Shared::close` aborts every open slot itself,
+            // and a child would take a lock on the parent per stream.
+            cancel: CancellationToken::new(),
             reason: Mutex::new(None),
             shared,
         }

@@ -210,12 +210,17 @@ async fn a_body_dropped_early_does_not_break_the_connection() {
     let (send, _, _, _ga) = mux_a.open_stream(1).unwrap();
     let (_, body, _, _gb) = mux_b.open_stream(1).unwrap();
     drop(body); // the local app answered without reading the rest
-    send.send_data(Bytes::from_static(b"late"), false).await.unwrap();
+    send.send_data(Bytes::from_static(b"late"), false)
+        .await
+        .unwrap();
     send.send_data(Bytes::new(), true).await.unwrap();
     // The connection still carries other streams.
     let (send3, _, _, _ga3) = mux_a.open_stream(3).unwrap();
     let (_, body3, _, _gb3) = mux_b.open_stream(3).unwrap();
-    send3.send_data(Bytes::from_static(b"fine"), true).await.unwrap();
+    send3
+        .send_data(Bytes::from_static(b"fine"), true)
+        .await
+        .unwrap();
     assert_eq!(&body3.collect().await.unwrap().to_bytes()[..], b"fine");
     assert!(!mux_a.is_closed() && !mux_b.is_closed());
 }

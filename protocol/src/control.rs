@@ -163,7 +163,33 @@ impl Control {
         if text.len() > crate::MAX_CONTROL_LEN {
             return Err(ControlError::TooLarge(text.len()));
         }
+        if let Some(fast) = Self::decode_hot(text) {
+            return fast;
+        }
         Ok(serde_json::from_str(text)?)
+    }
+
+    /// The messages sent per request, as [`Control::encode`] writes them (`"type"` first), are
+    /// parsed straight into their struct: a tagged enum would first buffer the whole message
+    /// into a tree. Returns `None` for anything else, which takes the general path.
+    fn decode_hot(text: &str) -> Option<Result<Control, ControlError>> {
+        #[derive(Deserialize)]
+        struct Window {
+            stream: u32,
+            increment: u32,
+        }
+        let rest = text.strip_prefix(r#"{"type":""#)?;
+        let (kind, _) = rest.split_once('"')?;
+        let parsed = match kind {
+            "request_head" => serde_json::from_str(text).map(Control::RequestHead),
+            "response_head" => serde_json::from_str(text).map(Control::ResponseHead),
+            "window" => serde_json::from_str(text).map(|w: Window| Control::Window {
+                stream: w.stream,
+                increment: w.increment,
+            }),
+            _ => return None,
+        };
+        Some(parsed.map_err(ControlError::from))
     }
 }
 

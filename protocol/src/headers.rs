@@ -1,7 +1,9 @@
 //! Header lists that keep order, duplicates and exact value bytes.
 
 use base64::Engine as _;
-use serde::de::Error as _;
+use std::fmt;
+
+use serde::de::{Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Why a header list could not be built.
@@ -75,10 +77,11 @@ impl<N: Into<String>, V: Into<Vec<u8>>> FromIterator<(N, V)> for HeaderList {
     }
 }
 
-#[derive(Serialize, Deserialize)]
+/// A header value on the wire: a string when it is UTF-8, `{"b64": ...}` otherwise.
+#[derive(Serialize)]
 #[serde(untagged)]
 enum WireValue<'a> {
-    Text(#[serde(borrow)] std::borrow::Cow<'a, str>),
+    Text(&'a str),
     Binary { b64: String },
 }
 
@@ -86,7 +89,7 @@ impl Serialize for HeaderList {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_seq(self.entries.iter().map(|(name, value)| {
             let value = match std::str::from_utf8(value) {
-                Ok(text) => WireValue::Text(text.into()),
+                Ok(text) => WireValue::Text(text),
                 Err(_) => WireValue::Binary {
                     b64: base64::engine::general_purpose::STANDARD.encode(value),
                 },
@@ -98,21 +101,105 @@ impl Serialize for HeaderList {
 
 impl<'de> Deserialize<'de> for HeaderList {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let wire: Vec<(String, WireValue<'_>)> = Vec::deserialize(deserializer)?;
-        let mut list = HeaderList::with_capacity(wire.len());
-        for (name, value) in wire {
-            if name.is_empty() {
-                return Err(D::Error::custom(HeaderListError::EmptyName));
-            }
-            let value = match value {
-                WireValue::Text(text) => text.into_owned().into_bytes(),
-                WireValue::Binary { b64 } => base64::engine::general_purpose::STANDARD
-                    .decode(b64)
-                    .map_err(|e| D::Error::custom(format!("header {name}: bad base64: {e}")))?,
-            };
+        deserializer.deserialize_seq(ListVisitor)
+    }
+}
+
+/// Reads `[[name, value], ...]` straight into a list, without an intermediate tree.
+struct ListVisitor;
+
+impl<'de> Visitor<'de> for ListVisitor {
+    type Value = HeaderList;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list of [name, value] pairs")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<HeaderList, A::Error> {
+        let mut list = HeaderList::with_capacity(seq.size_hint().unwrap_or(8).min(128));
+        while let Some(Pair(name, value)) = seq.next_element()? {
             list.entries.push((name, value));
         }
         Ok(list)
+    }
+}
+
+struct Pair(String, Vec<u8>);
+
+impl<'de> Deserialize<'de> for Pair {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_seq(PairVisitor)
+    }
+}
+
+struct PairVisitor;
+
+impl<'de> Visitor<'de> for PairVisitor {
+    type Value = Pair;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a [name, value] pair")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Pair, A::Error> {
+        let name: String = seq
+            .next_element()?
+            .ok_or_else(|| A::Error::invalid_length(0, &self))?;
+        if name.is_empty() {
+            return Err(A::Error::custom(HeaderListError::EmptyName));
+        }
+        let ValueBytes(value) = seq
+            .next_element()?
+            .ok_or_else(|| A::Error::invalid_length(1, &self))?;
+        if seq.next_element::<IgnoredAny>()?.is_some() {
+            return Err(A::Error::invalid_length(3, &self));
+        }
+        Ok(Pair(name, value))
+    }
+}
+
+struct ValueBytes(Vec<u8>);
+
+impl<'de> Deserialize<'de> for ValueBytes {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ValueVisitor)
+    }
+}
+
+struct ValueVisitor;
+
+impl<'de> Visitor<'de> for ValueVisitor {
+    type Value = ValueBytes;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(r#"a header value: a string or {"b64": "..."}"#)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<ValueBytes, E> {
+        Ok(ValueBytes(text.as_bytes().to_vec()))
+    }
+
+    fn visit_string<E: serde::de::Error>(self, text: String) -> Result<ValueBytes, E> {
+        Ok(ValueBytes(text.into_bytes()))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ValueBytes, A::Error> {
+        let mut value = None;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key != "b64" || value.is_some() {
+                return Err(A::Error::custom(format!(
+                    "unexpected key {key:?} in header value"
+                )));
+            }
+            let b64: std::borrow::Cow<'de, str> = map.next_value()?;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64.as_bytes())
+                .map_err(|e| A::Error::custom(format!("bad base64 in header value: {e}")))?;
+            value = Some(bytes);
+        }
+        value
+            .map(ValueBytes)
+            .ok_or_else(|| A::Error::custom("header value object without b64"))
     }
 }
 

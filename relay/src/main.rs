@@ -5,6 +5,11 @@ use clap::Parser as _;
 use ferry_relay::{registry::random_string, Args, RelayConfig};
 use tracing_subscriber::EnvFilter;
 
+// mimalloc: per-request allocations (heads, frames, tasks) are small and short-lived, and
+// glibc malloc showed up high in the profile (see docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()

@@ -9,7 +9,6 @@ use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::Either;
 use hyper::body::Incoming;
-use tokio::sync::oneshot;
 use tracing::debug;
 
 use crate::headers::{request_headers, to_header_map, Forwarded};
@@ -135,49 +134,55 @@ pub(crate) async fn forward(
         return disconnected(session_id, &err.to_string());
     }
 
-    let (pump_tx, pump_rx) = oneshot::channel::<PumpError>();
-    if has_body {
+    // The caller's body is pumped inside this handler while it waits for the answer, so a
+    // typical webhook (body complete before the app answers) costs no extra task; only a body
+    // still streaming when the head arrives is handed to a task of its own.
+    let mut pump = has_body.then(|| {
         let sender = sender.clone();
-        tokio::spawn(async move {
-            if let Err(err) = sender.pump(body, Some(max_body)).await {
-                let _ = pump_tx.send(err);
+        Box::pin(async move { sender.pump(body, Some(max_body)).await })
+    });
+    let timeout = tokio::time::sleep(relay.config.timeout);
+    tokio::pin!(timeout);
+    tokio::pin!(head_rx);
+    let head = loop {
+        tokio::select! {
+            head = &mut head_rx => break head,
+            pumped = async { pump.as_mut().expect("guarded").await }, if pump.is_some() => {
+                pump = None;
+                let err = match pumped {
+                    Ok(_) => continue,
+                    Err(err) => err,
+                };
+                return match err {
+                    PumpError::TooLarge(limit) => {
+                        guard.cancel("request body too large");
+                        too_large(limit)
+                    }
+                    PumpError::Body(detail) => {
+                        guard.cancel("caller's request body failed");
+                        debug!(%detail, "caller's body failed");
+                        reply::error(StatusCode::BAD_REQUEST, "bad request body", &detail)
+                    }
+                    PumpError::Mux(err) => disconnected(session_id, &err.to_string()),
+                };
             }
+            _ = &mut timeout => {
+                guard.cancel("no response within the relay's timeout");
+                return reply::error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "client timeout",
+                    &format!("the ferry client did not answer within {}s", relay.config.timeout.as_secs_f64()),
+                );
+            }
+        }
+    };
+    if let Some(rest) = pump {
+        // The app answered before the body was all sent: finish sending it in the background
+        // (the stream's cancel stops it if the exchange ends first).
+        tokio::spawn(async move {
+            let _ = rest.await;
         });
-    } else {
-        drop(pump_tx);
     }
-    let pump_failed = async {
-        match pump_rx.await {
-            Ok(err) => err,
-            Err(_) => std::future::pending().await,
-        }
-    };
-
-    let head = tokio::select! {
-        head = head_rx => head,
-        err = pump_failed => {
-            return match err {
-                PumpError::TooLarge(limit) => {
-                    guard.cancel("request body too large");
-                    too_large(limit)
-                }
-                PumpError::Body(detail) => {
-                    guard.cancel("caller's request body failed");
-                    debug!(%detail, "caller's body failed");
-                    reply::error(StatusCode::BAD_REQUEST, "bad request body", &detail)
-                }
-                PumpError::Mux(err) => disconnected(session_id, &err.to_string()),
-            };
-        }
-        _ = tokio::time::sleep(relay.config.timeout) => {
-            guard.cancel("no response within the relay's timeout");
-            return reply::error(
-                StatusCode::GATEWAY_TIMEOUT,
-                "client timeout",
-                &format!("the ferry client did not answer within {}s", relay.config.timeout.as_secs_f64()),
-            );
-        }
-    };
     let head = match head {
         Ok(Control::ResponseHead(head)) => head,
         Ok(_) | Err(_) => {
