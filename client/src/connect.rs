@@ -42,7 +42,7 @@ pub(crate) struct Welcome {
 /// WebSocket settings: small buffers for idle tunnels, frames sized to our chunks.
 pub(crate) fn websocket_config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(64 * 1024)
+        .read_buffer_size(16 * 1024)
         .write_buffer_size(64 * 1024)
         .max_write_buffer_size(4 * 1024 * 1024)
         .max_message_size(Some(ferry_protocol::MAX_CONTROL_LEN + 1024))

@@ -24,6 +24,9 @@ use tracing::{debug, warn};
 use crate::stream::{DeliverError, Slot, StreamGuard, StreamSender};
 use crate::{MuxError, TunnelBody};
 
+/// Payloads up to this size are copied out of the WebSocket's read buffer (see `on_data`).
+const SMALL_PAYLOAD: usize = 8 * 1024;
+
 /// Most messages written between two flushes of the WebSocket.
 const MAX_BATCH: usize = 64;
 
@@ -396,7 +399,12 @@ where
 }
 
 fn on_data(shared: &Shared, bytes: Bytes) -> Result<(), String> {
-    let frame = DataFrame::decode(bytes).map_err(|err| format!("protocol error: {err}"))?;
+    let mut frame = DataFrame::decode(bytes).map_err(|err| format!("protocol error: {err}"))?;
+    if frame.payload.len() <= SMALL_PAYLOAD {
+        // A small payload would pin the WebSocket's whole read buffer until the body is
+        // consumed, making the next read allocate a fresh one: copying it is cheaper.
+        frame.payload = Bytes::copy_from_slice(&frame.payload);
+    }
     shared.stats.frames_received.fetch_add(1, Ordering::Relaxed);
     let Some(slot) = shared.get(frame.stream) else {
         return Ok(()); // a stream that just ended; its late frames are dropped
