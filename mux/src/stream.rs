@@ -201,6 +201,9 @@ impl StreamSender {
 
     /// Sends `bytes` as data frames, waiting for credit; `end` marks the last of the body.
     pub async fn send_data(&self, mut bytes: Bytes, end: bool) -> Result<(), MuxError> {
+        if bytes.is_empty() && !end {
+            return Ok(()); // an empty chunk says nothing, and would cost credit nobody returns
+        }
         loop {
             let chunk = bytes.split_to(bytes.len().min(MAX_FRAME_PAYLOAD));
             let last = bytes.is_empty();
