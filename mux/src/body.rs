@@ -26,6 +26,8 @@ pub struct TunnelBody {
     slot: Arc<Slot>,
     out: PollSender<Message>,
     unreturned: u32,
+    /// A message taken off the queue while looking for the end behind a chunk.
+    lookahead: Option<Inbound>,
     done: bool,
     guard: Option<StreamGuard>,
 }
@@ -41,6 +43,7 @@ impl TunnelBody {
             slot,
             out: PollSender::new(out),
             unreturned: 0,
+            lookahead: None,
             done: false,
             guard: None,
         }
@@ -51,6 +54,13 @@ impl TunnelBody {
     pub fn with_guard(mut self, guard: StreamGuard) -> Self {
         self.guard = Some(guard);
         self
+    }
+
+    fn finish(&mut self) {
+        self.done = true;
+        if let Some(guard) = &self.guard {
+            guard.finish();
+        }
     }
 
     fn poll_return_credit(&mut self, cx: &mut Context<'_>) -> Poll<()> {
@@ -84,17 +94,26 @@ impl http_body::Body for TunnelBody {
             return Poll::Ready(None);
         }
         ready!(this.poll_return_credit(cx));
-        match ready!(this.rx.poll_recv(cx)) {
+        let next = match this.lookahead.take() {
+            Some(next) => Some(next),
+            None => ready!(this.rx.poll_recv(cx)),
+        };
+        match next {
             Some(Inbound::Data(bytes)) => {
                 this.slot.consumed(bytes.len());
                 this.unreturned += frame_cost(bytes.len());
+                // A reader that knows the length (hyper with Content-Length) stops polling after
+                // the last byte: notice an end queued right behind it now, or the exchange would
+                // look abandoned and be cancelled.
+                match this.rx.try_recv() {
+                    Ok(Inbound::End) => this.finish(),
+                    Ok(next) => this.lookahead = Some(next),
+                    Err(_) => {}
+                }
                 Poll::Ready(Some(Ok(Frame::data(bytes))))
             }
             Some(Inbound::End) => {
-                this.done = true;
-                if let Some(guard) = &this.guard {
-                    guard.finish();
-                }
+                this.finish();
                 Poll::Ready(None)
             }
             None => {

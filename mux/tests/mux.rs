@@ -6,7 +6,7 @@ use bytes::Bytes;
 use ferry_mux::{ControlHandler, Mux, MuxConfig, MuxHandle};
 use ferry_protocol::flow::{STREAM_WINDOW, WINDOW_UPDATE_THRESHOLD};
 use ferry_protocol::{Control, DataFrame};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use http_body_util::BodyExt;
 use tokio::io::DuplexStream;
 use tokio_tungstenite::tungstenite::protocol::Role;
@@ -223,4 +223,35 @@ async fn a_body_dropped_early_does_not_break_the_connection() {
         .unwrap();
     assert_eq!(&body3.collect().await.unwrap().to_bytes()[..], b"fine");
     assert!(!mux_a.is_closed() && !mux_b.is_closed());
+}
+
+#[tokio::test]
+async fn a_body_read_to_its_length_finishes_the_stream_without_a_cancel() {
+    let (a, b) = socket_pair().await;
+    let (mux_a, _ta) = Mux::spawn(a, config(), Ignore);
+    let (mux_b, _tb) = Mux::spawn(b, config(), Ignore);
+    let (_, body_a, _, guard_a) = mux_a.open_stream(1).unwrap();
+    let (send_b, _, _, guard_b) = mux_b.open_stream(1).unwrap();
+    send_b
+        .send_data(Bytes::from_static(b"12345"), true)
+        .await
+        .unwrap();
+    // Read exactly one chunk, as hyper does when Content-Length is satisfied, then drop.
+    let mut body_a = body_a.with_guard(guard_a);
+    let chunk = body_a.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&chunk[..], b"12345");
+    drop(body_a);
+    // Messages are ordered: once stream 3's data is through, a cancel for 1 would have been too.
+    let (send3, _, _, _g3) = mux_a.open_stream(3).unwrap();
+    let (_, body3, _, _g3b) = mux_b.open_stream(3).unwrap();
+    send3
+        .send_data(Bytes::from_static(b"x"), true)
+        .await
+        .unwrap();
+    body3.collect().await.unwrap();
+    assert!(
+        guard_b.cancelled().now_or_never().is_none(),
+        "peer was told to cancel a finished exchange: {}",
+        guard_b.cancel_reason()
+    );
 }
