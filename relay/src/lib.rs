@@ -31,6 +31,7 @@ mod headers;
 mod public;
 pub mod registry;
 mod reply;
+pub mod store;
 pub mod tls;
 mod tunnel;
 

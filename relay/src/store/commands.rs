@@ -1,0 +1,456 @@
+//! Write commands: each runs on the writer thread, inside the batch's transaction.
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::error::{Result, StoreError};
+use super::ids::RequestId;
+use super::records::{AttemptOutcome, Outcome, RequestState, RespondMode, Response, SessionRecord};
+use super::writer::WriterCtx;
+
+/// A request ready for insertion: headers already encoded off the writer thread.
+pub(crate) struct Insert {
+    pub(crate) session_id: String,
+    pub(crate) received_at: i64,
+    pub(crate) method: String,
+    pub(crate) target: String,
+    pub(crate) headers: Vec<u8>,
+    pub(crate) body: bytes::Bytes,
+    pub(crate) provider: Option<(String, String)>,
+    pub(crate) state: RequestState,
+}
+
+/// A response ready for storage.
+pub(crate) struct EncodedResponse {
+    pub(crate) status: u16,
+    pub(crate) headers: Vec<u8>,
+    pub(crate) body: bytes::Bytes,
+    pub(crate) duration_ms: u64,
+}
+
+impl EncodedResponse {
+    pub(crate) fn new(response: Response) -> Self {
+        EncodedResponse {
+            status: response.status,
+            headers: super::codec::encode_headers(&response.headers),
+            body: response.body,
+            duration_ms: u64::try_from(response.duration.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
+/// [`Outcome`] with its response encoded.
+pub(crate) enum EncodedOutcome {
+    Delivered(EncodedResponse),
+    Rejected {
+        response: EncodedResponse,
+        retry_at: Option<i64>,
+    },
+    Error {
+        error: String,
+        retry_at: Option<i64>,
+    },
+}
+
+impl EncodedOutcome {
+    pub(crate) fn new(outcome: Outcome) -> Self {
+        match outcome {
+            Outcome::Delivered(response) => {
+                EncodedOutcome::Delivered(EncodedResponse::new(response))
+            }
+            Outcome::Rejected { response, retry_at } => EncodedOutcome::Rejected {
+                response: EncodedResponse::new(response),
+                retry_at,
+            },
+            Outcome::Error { error, retry_at } => EncodedOutcome::Error { error, retry_at },
+        }
+    }
+
+    /// Bytes this outcome adds to a batch.
+    pub(crate) fn weight(&self) -> usize {
+        match self {
+            EncodedOutcome::Delivered(r) | EncodedOutcome::Rejected { response: r, .. } => {
+                r.headers.len() + r.body.len()
+            }
+            EncodedOutcome::Error { error, .. } => error.len(),
+        }
+    }
+}
+
+fn to_i64(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn upsert_session(conn: &Connection, session: &SessionRecord) -> Result<()> {
+    let (respond_status, respond_body, respond_deadline_ms) = match &session.respond {
+        RespondMode::Pass => (None, None, None),
+        RespondMode::Now { status, body } => (*status, body.as_deref(), None),
+        RespondMode::Deadline { millis } => {
+            (None, None, Some(i64::try_from(*millis).unwrap_or(i64::MAX)))
+        }
+    };
+    conn.prepare_cached(
+        "INSERT INTO sessions (id, owner, resume_digest, kind, offline, respond, respond_status,
+                               respond_body, respond_deadline_ms, created_at, last_seen_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+         ON CONFLICT (id) DO UPDATE SET
+            owner = excluded.owner, resume_digest = excluded.resume_digest, kind = excluded.kind,
+            offline = excluded.offline, respond = excluded.respond,
+            respond_status = excluded.respond_status, respond_body = excluded.respond_body,
+            respond_deadline_ms = excluded.respond_deadline_ms,
+            last_seen_at = excluded.last_seen_at",
+    )?
+    .execute(params![
+        session.id,
+        &session.owner[..],
+        &session.resume_digest[..],
+        session.kind.as_str(),
+        session.offline.as_str(),
+        session.respond.as_str(),
+        respond_status,
+        respond_body,
+        respond_deadline_ms,
+        session.created_at,
+        session.last_seen_at,
+    ])?;
+    Ok(())
+}
+
+pub(crate) fn delete_session(conn: &Connection, id: &str) -> Result<bool> {
+    Ok(conn
+        .prepare_cached("DELETE FROM sessions WHERE id = ?1")?
+        .execute([id])?
+        > 0)
+}
+
+pub(crate) fn record_request(
+    conn: &Connection,
+    ctx: &mut WriterCtx,
+    req: Insert,
+) -> Result<RequestId> {
+    let known = conn
+        .prepare_cached("SELECT 1 FROM sessions WHERE id = ?1")?
+        .exists([&req.session_id])?;
+    if !known {
+        return Err(StoreError::UnknownSession(req.session_id));
+    }
+    let id = ctx.ids.next_id();
+    let duplicate_of: Option<RequestId> = match &req.provider {
+        Some((_, provider_id)) => conn
+            .prepare_cached(
+                "SELECT id FROM requests WHERE session_id = ?1 AND provider_id = ?2
+                 ORDER BY id LIMIT 1",
+            )?
+            .query_row(params![req.session_id, provider_id], |row| row.get(0))
+            .optional()?,
+        None => None,
+    };
+    // A queued request keeps its whole body: it has yet to be delivered.
+    let keep = if req.state == RequestState::Queued {
+        req.body.len()
+    } else {
+        req.body.len().min(ctx.record_max_body)
+    };
+    let body = &req.body[..keep];
+    let (provider, provider_id) = req.provider.unzip();
+    conn.prepare_cached(
+        "INSERT INTO requests (id, session_id, received_at, method, target, provider, provider_id,
+                               duplicate_of, state, attempts, next_attempt_at, body_len,
+                               body_truncated, stored_bytes, headers, body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 0, ?3, ?10, ?11, ?12, ?13, ?14)",
+    )?
+    .execute(params![
+        id,
+        req.session_id,
+        req.received_at,
+        req.method,
+        req.target,
+        provider,
+        provider_id,
+        duplicate_of,
+        req.state,
+        to_i64(req.body.len()),
+        keep < req.body.len(),
+        to_i64(req.headers.len() + keep),
+        req.headers,
+        body,
+    ])?;
+    Ok(id)
+}
+
+/// Starts attempt `n + 1` of `id`: a delivery (the request becomes `delivering`) or a replay
+/// (the request's state is left alone).
+pub(crate) fn start_attempt(
+    conn: &Connection,
+    id: RequestId,
+    replay: bool,
+    now: i64,
+) -> Result<u32> {
+    let truncated: bool = conn
+        .prepare_cached("SELECT body_truncated FROM requests WHERE id = ?1")?
+        .query_row([id], |row| row.get(0))
+        .optional()?
+        .ok_or_else(|| StoreError::UnknownRequest(id.to_string()))?;
+    if replay && truncated {
+        return Err(StoreError::Incomplete(id.to_string()));
+    }
+    let last: u32 = conn
+        .prepare_cached("SELECT COALESCE(MAX(attempt), 0) FROM attempts WHERE request_id = ?1")?
+        .query_row([id], |row| row.get(0))?;
+    let number = last + 1;
+    let (kind, replay_of) = if replay {
+        ("replay", (last > 0).then_some(last))
+    } else {
+        ("delivery", None)
+    };
+    conn.prepare_cached(
+        "INSERT INTO attempts (request_id, attempt, kind, replay_of, started_at, outcome)
+         VALUES (?1, ?2, ?3, ?4, ?5, 'in_progress')",
+    )?
+    .execute(params![id, number, kind, replay_of, now])?;
+    if !replay {
+        conn.prepare_cached(
+            "UPDATE requests SET state = 'delivering', attempts = attempts + 1 WHERE id = ?1",
+        )?
+        .execute([id])?;
+    }
+    Ok(number)
+}
+
+/// Stores `response` as the request's latest response.
+fn set_response(
+    conn: &Connection,
+    id: RequestId,
+    response: &EncodedResponse,
+    limit: usize,
+) -> Result<()> {
+    let keep = response.body.len().min(limit);
+    conn.prepare_cached(
+        "UPDATE requests SET status = ?2, duration_ms = ?3, response_headers = ?4,
+            response_body = ?5, response_body_len = ?6, response_body_truncated = ?7,
+            stored_bytes = length(headers) + length(body) + ?8
+         WHERE id = ?1",
+    )?
+    .execute(params![
+        id,
+        response.status,
+        i64::try_from(response.duration_ms).unwrap_or(i64::MAX),
+        response.headers,
+        &response.body[..keep],
+        to_i64(response.body.len()),
+        keep < response.body.len(),
+        to_i64(response.headers.len() + keep),
+    ])?;
+    Ok(())
+}
+
+pub(crate) fn finish_attempt(
+    conn: &Connection,
+    ctx: &WriterCtx,
+    id: RequestId,
+    number: u32,
+    outcome: EncodedOutcome,
+    now: i64,
+) -> Result<RequestState> {
+    let unknown = || StoreError::UnknownAttempt {
+        request: id.to_string(),
+        attempt: number,
+    };
+    let (kind, current): (String, AttemptOutcome) = conn
+        .prepare_cached(
+            "SELECT kind, outcome FROM attempts WHERE request_id = ?1 AND attempt = ?2",
+        )?
+        .query_row(params![id, number], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()?
+        .ok_or_else(unknown)?;
+    if current != AttemptOutcome::InProgress {
+        return Err(unknown());
+    }
+    let replay = kind == "replay";
+    let (state, truncated): (RequestState, bool) = conn
+        .prepare_cached("SELECT state, body_truncated FROM requests WHERE id = ?1")?
+        .query_row([id], |row| Ok((row.get(0)?, row.get(1)?)))?;
+
+    // What comes next after a failure: back to the queue, or parked.
+    let after_failure = |retry_at: Option<i64>, error: Option<String>| match retry_at {
+        _ if replay => (state, AttemptOutcome::Failed, None, error),
+        Some(at) if !truncated => (RequestState::Queued, AttemptOutcome::Retry, Some(at), error),
+        Some(_) => {
+            let note = "not retried: the body was too large to keep";
+            let error = Some(match error {
+                Some(error) => format!("{error}; {note}"),
+                None => note.to_owned(),
+            });
+            (RequestState::Failed, AttemptOutcome::Failed, None, error)
+        }
+        None => (RequestState::Failed, AttemptOutcome::Failed, None, error),
+    };
+    let (new_state, attempt_outcome, retry_at, error, status) = match &outcome {
+        EncodedOutcome::Delivered(response) => {
+            if !replay || state != RequestState::Delivered {
+                set_response(conn, id, response, ctx.record_max_body)?;
+                conn.prepare_cached(
+                    "UPDATE requests SET state = 'delivered', delivered_at = ?2 WHERE id = ?1",
+                )?
+                .execute(params![id, now])?;
+            }
+            (
+                RequestState::Delivered,
+                AttemptOutcome::Delivered,
+                None,
+                None,
+                Some(response.status),
+            )
+        }
+        EncodedOutcome::Rejected { response, retry_at } => {
+            if !replay {
+                set_response(conn, id, response, ctx.record_max_body)?;
+            }
+            let (s, o, r, e) = after_failure(*retry_at, None);
+            (s, o, r, e, Some(response.status))
+        }
+        EncodedOutcome::Error { error, retry_at } => {
+            let (s, o, r, e) = after_failure(*retry_at, Some(error.clone()));
+            (s, o, r, e, None)
+        }
+    };
+    if !replay && new_state != RequestState::Delivered {
+        conn.prepare_cached(
+            "UPDATE requests SET state = ?2, next_attempt_at = COALESCE(?3, next_attempt_at)
+             WHERE id = ?1",
+        )?
+        .execute(params![id, new_state, retry_at])?;
+    }
+    conn.prepare_cached(
+        "UPDATE attempts SET finished_at = ?3, outcome = ?4, status = ?5, error = ?6
+         WHERE request_id = ?1 AND attempt = ?2",
+    )?
+    .execute(params![id, number, now, attempt_outcome, status, error])?;
+    Ok(new_state)
+}
+
+/// Ends the request's unfinished delivery attempts with `outcome`, then sets its state.
+fn settle(
+    conn: &Connection,
+    id: RequestId,
+    state: RequestState,
+    outcome: AttemptOutcome,
+    error: Option<&str>,
+    now: i64,
+) -> Result<()> {
+    let changed = conn
+        .prepare_cached(
+            "UPDATE requests SET state = ?2,
+                delivered_at = CASE WHEN ?2 = 'delivered' THEN COALESCE(delivered_at, ?3)
+                                    ELSE delivered_at END
+             WHERE id = ?1",
+        )?
+        .execute(params![id, state, now])?;
+    if changed == 0 {
+        return Err(StoreError::UnknownRequest(id.to_string()));
+    }
+    conn.prepare_cached(
+        "UPDATE attempts SET outcome = ?2, finished_at = ?3, error = COALESCE(?4, error)
+         WHERE request_id = ?1 AND outcome = 'in_progress' AND kind = 'delivery'",
+    )?
+    .execute(params![id, outcome, now, error])?;
+    Ok(())
+}
+
+pub(crate) fn mark_delivered(conn: &Connection, id: RequestId, now: i64) -> Result<()> {
+    settle(
+        conn,
+        id,
+        RequestState::Delivered,
+        AttemptOutcome::Delivered,
+        None,
+        now,
+    )
+}
+
+pub(crate) fn mark_failed(conn: &Connection, id: RequestId, reason: &str, now: i64) -> Result<()> {
+    settle(
+        conn,
+        id,
+        RequestState::Failed,
+        AttemptOutcome::Failed,
+        Some(reason),
+        now,
+    )
+}
+
+/// After a crash: unfinished attempts become `interrupted`, and requests that were being
+/// delivered go back to the queue (or are parked, if their body was not fully kept).
+pub(crate) fn recover_interrupted(conn: &Connection, now: i64) -> Result<u64> {
+    conn.execute(
+        "UPDATE attempts SET outcome = 'interrupted', finished_at = ?1
+         WHERE outcome = 'in_progress'",
+        [now],
+    )?;
+    let requeued = conn.execute(
+        "UPDATE requests
+         SET state = CASE WHEN body_truncated THEN 'failed' ELSE 'queued' END,
+             next_attempt_at = ?1
+         WHERE state = 'delivering'",
+        [now],
+    )?;
+    Ok(requeued as u64)
+}
+
+/// Deletes up to `limit` of the oldest requests received before `cutoff` (except those being
+/// delivered right now). Returns how many went.
+pub(crate) fn prune_by_age(conn: &Connection, cutoff: i64, limit: usize) -> Result<u64> {
+    let deleted = conn
+        .prepare_cached(
+            "DELETE FROM requests WHERE id IN (
+                SELECT id FROM requests WHERE received_at < ?1 AND state != 'delivering'
+                ORDER BY received_at LIMIT ?2)",
+        )?
+        .execute(params![cutoff, to_i64(limit)])?;
+    Ok(deleted as u64)
+}
+
+/// Deletes the oldest delivered or failed requests, up to `limit` of them, until the stored
+/// bytes are at most `max_bytes`. Returns how many went and whether the goal was reached.
+pub(crate) fn prune_by_size(
+    conn: &Connection,
+    max_bytes: u64,
+    limit: usize,
+) -> Result<(u64, bool)> {
+    let mut total = stored_bytes(conn)?;
+    if total <= max_bytes {
+        return Ok((0, true));
+    }
+    let mut victims: Vec<RequestId> = Vec::new();
+    {
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, stored_bytes FROM requests WHERE state IN ('delivered', 'failed')
+             ORDER BY id LIMIT ?1",
+        )?;
+        let mut rows = stmt.query([to_i64(limit)])?;
+        while total > max_bytes {
+            let Some(row) = rows.next()? else { break };
+            victims.push(row.get(0)?);
+            total = total.saturating_sub(row.get::<_, u64>(1)?);
+        }
+    }
+    let mut delete = conn.prepare_cached("DELETE FROM requests WHERE id = ?1")?;
+    for id in &victims {
+        delete.execute([id])?;
+    }
+    let reached = total <= max_bytes;
+    // Reached, or nothing more that may be deleted.
+    Ok((victims.len() as u64, reached || victims.len() < limit))
+}
+
+/// Returns free pages to the file system after a prune.
+pub(crate) fn release_space(conn: &Connection) -> Result<()> {
+    conn.execute_batch("PRAGMA incremental_vacuum")?;
+    Ok(())
+}
+
+/// Bytes of headers and bodies stored, requests and responses together.
+pub(crate) fn stored_bytes(conn: &Connection) -> Result<u64> {
+    Ok(conn
+        .prepare_cached("SELECT stored_bytes FROM usage WHERE id = 1")?
+        .query_row([], |row| row.get(0))?)
+}

@@ -1,0 +1,215 @@
+//! Opening the database: connection settings, integrity check and schema migrations.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode, OpenFlags};
+
+use super::error::{Result, StoreError};
+
+/// The schema version this build writes (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Migrations: `MIGRATIONS[n]` takes the schema from version `n` to `n + 1`.
+const MIGRATIONS: [&str; 1] = [V1];
+
+/// Version 1.
+///
+/// Request rows keep their small columns first and their BLOBs last, so that listing and
+/// pruning read only the start of each row and never the BLOBs' overflow pages.
+/// `usage.stored_bytes` is kept equal to the sum of `requests.stored_bytes` by triggers, so the
+/// byte limit can be checked without a scan.
+const V1: &str = "
+CREATE TABLE sessions (
+    id                  TEXT PRIMARY KEY NOT NULL,
+    owner               BLOB NOT NULL CHECK (length(owner) = 32),
+    resume_digest       BLOB NOT NULL CHECK (length(resume_digest) = 32),
+    kind                TEXT NOT NULL CHECK (kind IN ('named', 'random')),
+    offline             TEXT NOT NULL DEFAULT 'queue' CHECK (offline IN ('queue', 'reject')),
+    respond             TEXT NOT NULL DEFAULT 'pass' CHECK (respond IN ('pass', 'now', 'deadline')),
+    respond_status      INTEGER,
+    respond_body        BLOB,
+    respond_deadline_ms INTEGER,
+    created_at          INTEGER NOT NULL,
+    last_seen_at        INTEGER NOT NULL
+);
+
+CREATE TABLE requests (
+    id                      TEXT PRIMARY KEY NOT NULL,
+    session_id              TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+    received_at             INTEGER NOT NULL,
+    method                  TEXT NOT NULL,
+    target                  TEXT NOT NULL,
+    provider                TEXT,
+    provider_id             TEXT,
+    duplicate_of            TEXT,
+    state                   TEXT NOT NULL
+                            CHECK (state IN ('queued', 'delivering', 'delivered', 'failed')),
+    attempts                INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at         INTEGER NOT NULL,
+    body_len                INTEGER NOT NULL,
+    body_truncated          INTEGER NOT NULL DEFAULT 0,
+    status                  INTEGER,
+    delivered_at            INTEGER,
+    duration_ms             INTEGER,
+    response_body_len       INTEGER,
+    response_body_truncated INTEGER,
+    stored_bytes            INTEGER NOT NULL,
+    headers                 BLOB NOT NULL,
+    body                    BLOB NOT NULL,
+    response_headers        BLOB,
+    response_body           BLOB
+);
+CREATE INDEX requests_by_session ON requests (session_id, id);
+CREATE INDEX requests_queue ON requests (session_id, id) WHERE state = 'queued';
+CREATE INDEX requests_by_provider_id ON requests (session_id, provider_id)
+    WHERE provider_id IS NOT NULL;
+CREATE INDEX requests_by_received_at ON requests (received_at);
+
+CREATE TABLE attempts (
+    request_id  TEXT NOT NULL REFERENCES requests (id) ON DELETE CASCADE,
+    attempt     INTEGER NOT NULL,
+    kind        TEXT NOT NULL CHECK (kind IN ('delivery', 'replay')),
+    replay_of   INTEGER,
+    started_at  INTEGER NOT NULL,
+    finished_at INTEGER,
+    outcome     TEXT NOT NULL
+                CHECK (outcome IN ('in_progress', 'delivered', 'retry', 'failed', 'interrupted')),
+    status      INTEGER,
+    error       TEXT,
+    PRIMARY KEY (request_id, attempt)
+) WITHOUT ROWID;
+
+CREATE TABLE usage (
+    id           INTEGER PRIMARY KEY CHECK (id = 1),
+    stored_bytes INTEGER NOT NULL
+);
+INSERT INTO usage (id, stored_bytes) VALUES (1, 0);
+CREATE TRIGGER requests_usage_insert AFTER INSERT ON requests BEGIN
+    UPDATE usage SET stored_bytes = stored_bytes + NEW.stored_bytes;
+END;
+CREATE TRIGGER requests_usage_delete AFTER DELETE ON requests BEGIN
+    UPDATE usage SET stored_bytes = stored_bytes - OLD.stored_bytes;
+END;
+CREATE TRIGGER requests_usage_update AFTER UPDATE OF stored_bytes ON requests BEGIN
+    UPDATE usage SET stored_bytes = stored_bytes - OLD.stored_bytes + NEW.stored_bytes;
+END;
+";
+
+/// Turns an SQLite error met while opening `path` into an error that says what to do.
+fn open_error(path: &Path, err: rusqlite::Error) -> StoreError {
+    let detail = err.to_string();
+    match err.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => StoreError::Corrupt {
+            path: path.to_owned(),
+            detail,
+        },
+        Some(ErrorCode::CannotOpen | ErrorCode::PermissionDenied | ErrorCode::ReadOnly) => {
+            StoreError::DataDir {
+                path: path.parent().unwrap_or(path).to_owned(),
+                detail: format!("cannot open {}: {detail}", path.display()),
+            }
+        }
+        _ => StoreError::Open {
+            path: path.to_owned(),
+            detail,
+        },
+    }
+}
+
+/// Opens the write connection: checks the file, migrates it to [`SCHEMA_VERSION`] and turns on
+/// WAL with `synchronous=FULL`, so that a commit is on disk before it returns.
+pub(crate) fn open_writer(path: &Path, busy_timeout: Duration, check: bool) -> Result<Connection> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| open_error(path, e))?;
+    setup_writer(&conn, path, busy_timeout, check).map_err(|e| match e {
+        StoreError::Sqlite(err) => open_error(path, err),
+        other => other,
+    })?;
+    Ok(conn)
+}
+
+fn setup_writer(conn: &Connection, path: &Path, busy_timeout: Duration, check: bool) -> Result<()> {
+    conn.busy_timeout(busy_timeout)?;
+    // The first read of the file: garbage in it fails here with "file is not a database".
+    let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::NewerSchema {
+            path: path.to_owned(),
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    if check {
+        quick_check(conn, path)?;
+    }
+    if version == 0 {
+        // Lets pruning give space back. Only takes effect on a new, empty file, so it goes
+        // before anything (switching to WAL included) writes to it.
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+    }
+    let mode: String =
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Open {
+            path: path.to_owned(),
+            detail: format!(
+                "could not switch to WAL mode (got {mode:?}); is the file system local?"
+            ),
+        });
+    }
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", true)?;
+    migrate(conn, path, version)?;
+    Ok(())
+}
+
+/// Runs `PRAGMA quick_check`, failing with [`StoreError::Corrupt`] unless it says `ok`.
+fn quick_check(conn: &Connection, path: &Path) -> Result<()> {
+    let mut stmt = conn.prepare("PRAGMA quick_check(5)")?;
+    let problems: Vec<String> = stmt
+        .query_map([], |row| row.get::<_, String>(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    if problems.len() == 1 && problems[0] == "ok" {
+        return Ok(());
+    }
+    Err(StoreError::Corrupt {
+        path: path.to_owned(),
+        detail: format!("integrity check failed: {}", problems.join("; ")),
+    })
+}
+
+fn migrate(conn: &Connection, path: &Path, mut version: i64) -> Result<()> {
+    if version == 0 {
+        let tables: i64 =
+            conn.query_row("SELECT count(*) FROM sqlite_schema", [], |row| row.get(0))?;
+        if tables > 0 {
+            return Err(StoreError::Corrupt {
+                path: path.to_owned(),
+                detail: "it has tables but no Ferry schema version".to_owned(),
+            });
+        }
+    }
+    while version < SCHEMA_VERSION {
+        let step = MIGRATIONS[usize::try_from(version).unwrap_or(0)];
+        let next = version + 1;
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {step}; PRAGMA user_version = {next}; COMMIT;"
+        ))
+        .inspect_err(|_| {
+            let _ = conn.execute_batch("ROLLBACK");
+        })?;
+        version = next;
+    }
+    Ok(())
+}
+
+/// Opens a read-only connection to a database already set up by [`open_writer`].
+pub(crate) fn open_reader(path: &Path, busy_timeout: Duration) -> Result<Connection> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| open_error(path, e))?;
+    conn.busy_timeout(busy_timeout)?;
+    Ok(conn)
+}
