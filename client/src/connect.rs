@@ -111,6 +111,7 @@ pub(crate) async fn connect(
         } else {
             None
         },
+        offline: None,
     };
     let exchange = async {
         ws.send(Message::text(hello.encode())).await?;

@@ -49,6 +49,37 @@ pub struct RequestHead {
     /// Whether a body follows as data frames. When false the request has no body at all.
     #[serde(default)]
     pub has_body: bool,
+    /// The relay's record of this request, when it keeps one: its id (the same on every
+    /// delivery attempt, so the client can refuse to hand one id to the app twice), when it
+    /// arrived and which attempt this is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<Delivery>,
+}
+
+/// Which recorded request a [`RequestHead`] delivers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    /// The request's id at the relay (sortable, unique).
+    pub id: String,
+    /// When the relay received it, in Unix milliseconds.
+    pub received_at_ms: i64,
+    /// Delivery attempt, 1 for the first.
+    pub attempt: u32,
+    /// Whether it waited in the offline queue (or is a retry or replay) rather than being
+    /// passed straight through.
+    #[serde(default)]
+    pub queued: bool,
+}
+
+/// What the relay does with requests while no client is connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OfflinePolicy {
+    /// Record them durably, answer `202`, deliver them when the client is back (the default).
+    #[default]
+    Queue,
+    /// Answer `503` with `Retry-After`, so providers that retry will retry.
+    Reject,
 }
 
 /// The head of the local app's response, sent by the client.
@@ -113,6 +144,9 @@ pub enum Control {
         /// A random session to resume.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         resume: Option<Resume>,
+        /// What to do with requests while this client is away; stored with the session.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        offline: Option<OfflinePolicy>,
     },
     /// Relay → client, answer to `Hello`: the session is live.
     Welcome {
@@ -215,6 +249,7 @@ mod tests {
             version: HttpVersion::Http11,
             headers: [("x-a", "1")].into_iter().collect(),
             has_body: true,
+            delivery: None,
         });
         assert_eq!(
             head.encode(),
@@ -283,6 +318,7 @@ mod tests {
                     agent,
                     name,
                     resume: resume.map(|(session, secret)| Resume { session, secret }),
+                    offline: Some(OfflinePolicy::Reject),
                 }),
             (".*", ".*", ".*", ".*").prop_map(|(session, url, resume_secret, agent)| {
                 Control::Welcome {
@@ -307,6 +343,12 @@ mod tests {
                         version: HttpVersion::Http2,
                         headers,
                         has_body,
+                        delivery: has_body.then(|| Delivery {
+                            id: "01JABCDEFGHJKMNPQRSTVWXYZ0".into(),
+                            received_at_ms: 1_700_000_000_000,
+                            attempt: 2,
+                            queued: true,
+                        }),
                     })
                 }),
             (any::<u32>(), 100u16..1000, arb_headers(), any::<bool>()).prop_map(

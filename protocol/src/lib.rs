@@ -18,7 +18,8 @@ mod headers;
 mod session;
 
 pub use control::{
-    Control, ControlError, ErrorCode, HttpVersion, RequestHead, ResponseHead, Resume,
+    Control, ControlError, Delivery, ErrorCode, HttpVersion, OfflinePolicy, RequestHead,
+    ResponseHead, Resume,
 };
 pub use frame::{DataFrame, FrameError, FRAME_HEADER_LEN};
 pub use headers::{HeaderList, HeaderListError};

@@ -129,6 +129,7 @@ pub(crate) async fn forward(
         version: protocol_version(parts.version),
         headers: request_headers(&parts.headers, &forwarded),
         has_body,
+        delivery: None,
     };
     if let Err(err) = sender.send_control(Control::RequestHead(head)).await {
         return disconnected(session_id, &err.to_string());

@@ -142,6 +142,7 @@ async fn open(
         agent: concat!("ferry-bench/", env!("CARGO_PKG_VERSION")).to_owned(),
         name: None,
         resume: None,
+        offline: None,
     };
     ws.send(Message::text(hello.encode())).await?;
     let welcome = tokio::time::timeout(Duration::from_secs(30), async {
