@@ -104,6 +104,9 @@ pub struct RelayConfig {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Flow-control counters of every tunnel, for tests and benchmarks.
     pub stats: Arc<ferry_mux::MuxStats>,
+    /// The durable store (sessions, request history, offline queue). `None` keeps everything in
+    /// memory, as before issue 4; the binary always opens one under `--data-dir`.
+    pub store: Option<crate::store::Store>,
 }
 
 impl RelayConfig {
@@ -128,6 +131,7 @@ impl RelayConfig {
             max_connections: 50_000,
             tls: None,
             stats: Arc::default(),
+            store: None,
         }
     }
 }

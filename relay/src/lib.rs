@@ -25,6 +25,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+mod api;
 pub mod auth;
 mod config;
 mod headers;
@@ -169,6 +170,8 @@ async fn route(relay: Arc<Relay>, req: Request<Incoming>, peer: SocketAddr) -> R
         } else {
             reply::json(StatusCode::OK, serde_json::json!({"status": "ok"}))
         }
+    } else if path.starts_with(api::PREFIX) {
+        api::handle(relay, req).await
     } else if path == "/_ferry" || path.starts_with(ferry_protocol::RESERVED_PREFIX) {
         reply::error(
             StatusCode::NOT_FOUND,
