@@ -19,6 +19,16 @@ use crate::stream::{Inbound, Slot, StreamGuard};
 #[error("body aborted: {0}")]
 pub struct BodyError(pub String);
 
+/// Sees a [`TunnelBody`]'s bytes as they are handed out (see [`TunnelBody::with_tap`]), e.g.
+/// to keep a copy for a log.
+pub trait BodyTap: Send + Sync + 'static {
+    /// One chunk of the body, as handed out.
+    fn data(&mut self, bytes: &Bytes);
+    /// The body ended: `complete` if it reached its end, false if it broke off or was dropped
+    /// unread.
+    fn end(self: Box<Self>, complete: bool);
+}
+
 /// A stream's incoming body. Each chunk handed out returns its flow-control credit to the peer,
 /// so the peer can never have more than one window of data waiting here.
 pub struct TunnelBody {
@@ -30,6 +40,7 @@ pub struct TunnelBody {
     lookahead: Option<Inbound>,
     done: bool,
     guard: Option<StreamGuard>,
+    tap: Option<Box<dyn BodyTap>>,
 }
 
 impl TunnelBody {
@@ -46,6 +57,7 @@ impl TunnelBody {
             lookahead: None,
             done: false,
             guard: None,
+            tap: None,
         }
     }
 
@@ -56,8 +68,21 @@ impl TunnelBody {
         self
     }
 
+    /// Shows every chunk handed out to `tap`, and tells it how the body ended.
+    pub fn with_tap(mut self, tap: Box<dyn BodyTap>) -> Self {
+        self.tap = Some(tap);
+        self
+    }
+
+    fn end_tap(&mut self, complete: bool) {
+        if let Some(tap) = self.tap.take() {
+            tap.end(complete);
+        }
+    }
+
     fn finish(&mut self) {
         self.done = true;
+        self.end_tap(true);
         if let Some(guard) = &self.guard {
             guard.finish();
         }
@@ -78,6 +103,12 @@ impl TunnelBody {
         }
         self.unreturned = 0;
         Poll::Ready(())
+    }
+}
+
+impl Drop for TunnelBody {
+    fn drop(&mut self) {
+        self.end_tap(false);
     }
 }
 
@@ -102,6 +133,9 @@ impl http_body::Body for TunnelBody {
             Some(Inbound::Data(bytes)) => {
                 this.slot.consumed(bytes.len());
                 this.unreturned += frame_cost(bytes.len());
+                if let Some(tap) = this.tap.as_mut() {
+                    tap.data(&bytes);
+                }
                 // A reader that knows the length (hyper with Content-Length) stops polling after
                 // the last byte: notice an end queued right behind it now, or the exchange would
                 // look abandoned and be cancelled.
@@ -118,6 +152,7 @@ impl http_body::Body for TunnelBody {
             }
             None => {
                 this.done = true;
+                this.end_tap(false);
                 Poll::Ready(Some(Err(BodyError(this.slot.cancel_reason()))))
             }
         }

@@ -16,7 +16,7 @@ mod body;
 mod connection;
 mod stream;
 
-pub use body::{BodyError, TunnelBody};
+pub use body::{BodyError, BodyTap, TunnelBody};
 pub use connection::{ControlHandler, Mux, MuxConfig, MuxHandle, MuxStats, PendingMux};
 pub use stream::{PumpError, StreamGuard, StreamSender};
 

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use ferry_protocol::flow::{frame_cost, MAX_FRAME_PAYLOAD, STREAM_WINDOW};
 use ferry_protocol::{Control, DataFrame};
+use futures_util::FutureExt;
 use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -231,8 +232,83 @@ impl StreamSender {
         B: Body<Data = Bytes>,
         B::Error: std::fmt::Display,
     {
+        let body = std::pin::pin!(body);
+        self.pump_from(body, 0, limit).await
+    }
+
+    /// Sends `head`, then streams `body` like [`StreamSender::pump`]. A first chunk that is
+    /// already there (a small webhook usually is) is queued together with the head, so both
+    /// leave in one write and the peer sees head and body at once.
+    pub async fn send_head_and_body<B>(
+        &self,
+        head: Control,
+        body: B,
+        limit: Option<u64>,
+    ) -> Result<u64, PumpError>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: std::fmt::Display,
+    {
         let mut body = std::pin::pin!(body);
-        let mut sent: u64 = 0;
+        let head = Message::text(head.encode());
+        let first = match body.frame().now_or_never() {
+            Some(Some(Ok(frame))) => frame.into_data().ok().map(|data| (data, false)),
+            Some(Some(Err(err))) => return Err(PumpError::Body(err.to_string())),
+            Some(None) => Some((Bytes::new(), true)), // already over: the end goes with the head
+            None => None,
+        };
+        let Some((data, over)) = first.filter(|(data, over)| *over || !data.is_empty()) else {
+            self.send(head).await?;
+            return self.pump_from(body, 0, limit).await;
+        };
+        let sent = data.len() as u64;
+        if let Some(limit) = limit.filter(|limit| sent > *limit) {
+            return Err(PumpError::TooLarge(limit));
+        }
+        let end = over || body.is_end_stream();
+        let credit = (data.len() <= MAX_FRAME_PAYLOAD)
+            .then(|| {
+                self.slot
+                    .send_credit
+                    .try_acquire_many(frame_cost(data.len()))
+                    .ok()
+            })
+            .flatten();
+        match credit {
+            Some(credit) => {
+                credit.forget();
+                let frame = Message::Binary(DataFrame::encode(self.slot.id, end, &data));
+                let mut permits = tokio::select! {
+                    biased;
+                    _ = self.slot.cancel.cancelled() => return Err(MuxError::Cancelled(self.slot.cancel_reason()).into()),
+                    permits = self.out.reserve_many(2) => permits.map_err(|_| MuxError::Closed(self.slot.shared.close_reason()))?,
+                };
+                if let (Some(first), Some(second)) = (permits.next(), permits.next()) {
+                    first.send(head);
+                    second.send(frame);
+                }
+            }
+            None => {
+                self.send(head).await?;
+                self.send_data(data, end).await?;
+            }
+        }
+        if end {
+            return Ok(sent);
+        }
+        self.pump_from(body, sent, limit).await
+    }
+
+    async fn pump_from<B>(
+        &self,
+        mut body: std::pin::Pin<&mut B>,
+        mut sent: u64,
+        limit: Option<u64>,
+    ) -> Result<u64, PumpError>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: std::fmt::Display,
+    {
         loop {
             let frame = tokio::select! {
                 biased;
