@@ -55,6 +55,28 @@ pub struct Args {
     /// PEM private key, to serve HTTPS (with --tls-cert).
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+
+    /// Directory of the durable store (sessions, request history, offline queue).
+    #[arg(long, default_value = "./ferry-data", env = "FERRY_DATA_DIR")]
+    pub data_dir: PathBuf,
+
+    /// Largest body kept in history (bytes; K, M, G allowed). Defaults to --max-body. Queued
+    /// requests always keep their whole body.
+    #[arg(long, value_parser = parse_size)]
+    pub record_max_body: Option<u64>,
+
+    /// How long recorded requests are kept.
+    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    pub retention: Duration,
+
+    /// Most bytes of history kept (K, M, G allowed); the oldest delivered and failed requests go
+    /// first. Unlimited by default.
+    #[arg(long, value_parser = parse_size)]
+    pub retention_max_bytes: Option<u64>,
+
+    /// Delivery attempts of a queued request before it is parked as failed.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_attempts: u32,
 }
 
 /// Parses `32M`, `512K`, `1G` or a plain byte count.
@@ -107,6 +129,21 @@ pub struct RelayConfig {
     /// The durable store (sessions, request history, offline queue). `None` keeps everything in
     /// memory, as before issue 4; the binary always opens one under `--data-dir`.
     pub store: Option<crate::store::Store>,
+    /// Bodies longer than this are cut in the history of passed-through requests
+    /// (`--record-max-body`; the store cuts at its own limit too).
+    pub record_max_body: usize,
+    /// How long recorded requests are kept (`--retention`).
+    pub retention: Duration,
+    /// Most bytes of history kept (`--retention-max-bytes`).
+    pub retention_max_bytes: Option<u64>,
+    /// How often the background pruning runs.
+    pub prune_interval: Duration,
+    /// Delivery attempts of a queued request before it is parked as failed (`--max-attempts`).
+    pub max_attempts: u32,
+    /// Wait before the first retry of a failed delivery; doubles on each further failure.
+    pub retry_base: Duration,
+    /// Longest wait between two delivery attempts.
+    pub retry_max: Duration,
 }
 
 impl RelayConfig {
@@ -132,6 +169,13 @@ impl RelayConfig {
             tls: None,
             stats: Arc::default(),
             store: None,
+            record_max_body: 32 << 20,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            retention_max_bytes: None,
+            prune_interval: Duration::from_secs(60),
+            max_attempts: 10,
+            retry_base: Duration::from_secs(1),
+            retry_max: Duration::from_secs(300),
         }
     }
 }

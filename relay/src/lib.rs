@@ -28,8 +28,11 @@ use tracing::{debug, info, warn};
 mod api;
 pub mod auth;
 mod config;
+mod delivery;
+pub use delivery::{DELIVERY_AGE_HEADER, DELIVERY_ID_HEADER};
 mod headers;
 mod public;
+mod record;
 pub mod registry;
 mod reply;
 pub mod store;
@@ -51,6 +54,8 @@ pub struct Relay {
     tokens: TokenSet,
     registry: Registry,
     shutdown: CancellationToken,
+    /// Writes passed-through requests to history (with a store).
+    recorder: Option<record::Recorder>,
 }
 
 impl Relay {
@@ -67,12 +72,46 @@ pub async fn run(
     config: RelayConfig,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    let registry = Registry::new(config.max_sessions);
+    if let Some(store) = &config.store {
+        let sessions = store
+            .load_sessions()
+            .await
+            .map_err(|err| std::io::Error::other(err.to_string()))?;
+        info!(sessions = sessions.len(), "sessions loaded from the store");
+        let mut backlogged = Vec::new();
+        for session in &sessions {
+            let due = store
+                .next_due(&session.id)
+                .await
+                .map_err(|err| std::io::Error::other(err.to_string()))?;
+            if due.is_some() {
+                backlogged.push(session.id.clone());
+            }
+        }
+        registry.restore(sessions);
+        for id in backlogged {
+            if let Some(session) = registry.get(&id) {
+                session.queue.lock().expect("queue lock").backlog = true;
+            }
+        }
+    }
     let relay = Arc::new(Relay {
         tokens: TokenSet::new(&config.tokens),
-        registry: Registry::new(config.max_sessions),
+        registry,
         shutdown: CancellationToken::new(),
+        recorder: config.store.clone().map(record::Recorder::start),
         config,
     });
+    if let Some(store) = relay.config.store.clone() {
+        tokio::spawn(prune(
+            store,
+            relay.config.retention,
+            relay.config.retention_max_bytes,
+            relay.config.prune_interval,
+            relay.shutdown.clone(),
+        ));
+    }
     let graceful = GracefulShutdown::new();
     let connections = Arc::new(Semaphore::new(relay.config.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -155,6 +194,35 @@ pub async fn run(
     }
     info!("relay stopped");
     Ok(())
+}
+
+/// Prunes old history every `interval` until `stop`.
+async fn prune(
+    store: store::Store,
+    retention: Duration,
+    max_bytes: Option<u64>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        match store.prune(store::now_ms(), retention, max_bytes).await {
+            Ok(report) if report.by_age + report.by_size > 0 => {
+                info!(
+                    by_age = report.by_age,
+                    by_size = report.by_size,
+                    "pruned history"
+                );
+            }
+            Ok(_) => {}
+            Err(err) => warn!(%err, "pruning history failed"),
+        }
+    }
 }
 
 async fn route(relay: Arc<Relay>, req: Request<Incoming>, peer: SocketAddr) -> Response<RelayBody> {

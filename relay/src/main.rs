@@ -2,6 +2,7 @@
 
 use anyhow::Context as _;
 use clap::Parser as _;
+use ferry_relay::store::{Store, StoreOptions};
 use ferry_relay::{registry::random_string, Args, RelayConfig};
 use tracing_subscriber::EnvFilter;
 
@@ -68,9 +69,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.max_body = args.max_body;
     config.heartbeat_timeout = args.heartbeat_timeout;
     config.grace = args.grace;
+    config.retention = args.retention;
+    config.retention_max_bytes = args.retention_max_bytes;
+    config.max_attempts = args.max_attempts;
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         config.tls = Some(ferry_relay::tls::server_config(cert, key)?);
     }
+    config.record_max_body =
+        usize::try_from(args.record_max_body.unwrap_or(args.max_body)).unwrap_or(usize::MAX);
+    let options = StoreOptions {
+        record_max_body: config.record_max_body,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(&args.data_dir, options)
+        .await
+        .context("cannot open the relay's store")?;
+    config.store = Some(store);
 
     eprintln!("ferry-relay listening on {scheme}://{local}");
     eprintln!("public URL: {}", config.public_url);

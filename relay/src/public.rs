@@ -3,13 +3,19 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use ferry_mux::{MuxError, PumpError};
 use ferry_protocol::{Control, HttpVersion, RequestHead};
 use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::Either;
+use http_body_util::{BodyExt as _, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use tracing::debug;
+use tracing::{debug, warn};
+
+use crate::delivery::Enqueuing;
+use crate::record::{Exchange, Tee};
+use crate::store::{now_ms, NewRequest, OfflinePolicy, RequestState};
 
 use crate::headers::{request_headers, to_header_map, Forwarded};
 use crate::reply::{self, RelayBody};
@@ -65,7 +71,20 @@ pub(crate) async fn forward(
             &format!("no session '{session_id}' on this relay"),
         );
     };
-    let Some(live) = session.live() else {
+    let live = session.live();
+    if relay.config.store.is_some() {
+        // Queue when no client is connected (unless the session opted out), and behind a
+        // backlog even when one is, so that delivery order is arrival order.
+        let queue = match &live {
+            None => session.offline_policy() == OfflinePolicy::Queue,
+            Some(_) => session.queue.lock().expect("queue lock").backlog,
+        };
+        if queue {
+            let enqueuing = Enqueuing::begin(session.clone());
+            return enqueue(&relay, &parts, body, peer, session_id, target, enqueuing).await;
+        }
+    }
+    let Some(live) = live else {
         let mut response = reply::error(
             StatusCode::SERVICE_UNAVAILABLE,
             "no client connected",
@@ -107,7 +126,15 @@ pub(crate) async fn forward(
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             return response;
         }
-        Err(err) => return disconnected(session_id, &err.to_string()),
+        Err(err) => {
+            // The client went away just now; nothing of the request was sent, so it can
+            // still be queued.
+            if relay.config.store.is_some() && session.offline_policy() == OfflinePolicy::Queue {
+                let enqueuing = Enqueuing::begin(session.clone());
+                return enqueue(&relay, &parts, body, peer, session_id, target, enqueuing).await;
+            }
+            return disconnected(session_id, &err.to_string());
+        }
     };
     let host = parts
         .headers
@@ -122,17 +149,35 @@ pub(crate) async fn forward(
         prefix: &prefix,
     };
     let has_body = !body.is_end_stream();
+    let headers = request_headers(&parts.headers, &forwarded);
+    // History: the exchange is copied as it streams by and written after it ends.
+    let mut exchange = relay.recorder.as_ref().map(|recorder| {
+        Exchange::begin(
+            recorder,
+            session_id,
+            parts.method.as_str(),
+            target,
+            relay.config.record_max_body,
+        )
+    });
+    if let Some(exchange) = exchange.as_mut() {
+        exchange.headers = headers.clone();
+    }
+    let body = Tee::new(body, exchange.as_ref().map(|e| e.request_body.clone()));
     let head = RequestHead {
         stream: stream_id,
         method: parts.method.as_str().to_owned(),
         target: target.to_owned(),
         version: protocol_version(parts.version),
-        headers: request_headers(&parts.headers, &forwarded),
+        headers,
         has_body,
         delivery: None,
     };
-    if let Err(err) = sender.send_control(Control::RequestHead(head)).await {
-        return disconnected(session_id, &err.to_string());
+    let mut head = Some(Control::RequestHead(head));
+    if !has_body {
+        if let Err(err) = sender.send_control(head.take().expect("head")).await {
+            return disconnected(session_id, &err.to_string());
+        }
     }
 
     // The caller's body is pumped inside this handler while it waits for the answer, so a
@@ -140,7 +185,8 @@ pub(crate) async fn forward(
     // still streaming when the head arrives is handed to a task of its own.
     let mut pump = has_body.then(|| {
         let sender = sender.clone();
-        Box::pin(async move { sender.pump(body, Some(max_body)).await })
+        let head = head.take().expect("head");
+        Box::pin(async move { sender.send_head_and_body(head, body, Some(max_body)).await })
     });
     let timeout = tokio::time::sleep(relay.config.timeout);
     tokio::pin!(timeout);
@@ -164,11 +210,15 @@ pub(crate) async fn forward(
                         debug!(%detail, "caller's body failed");
                         reply::error(StatusCode::BAD_REQUEST, "bad request body", &detail)
                     }
-                    PumpError::Mux(err) => disconnected(session_id, &err.to_string()),
+                    PumpError::Mux(err) => {
+                        failed(exchange, &err.to_string());
+                        disconnected(session_id, &err.to_string())
+                    }
                 };
             }
             _ = &mut timeout => {
                 guard.cancel("no response within the relay's timeout");
+                failed(exchange, "no response within the relay's timeout");
                 return reply::error(
                     StatusCode::GATEWAY_TIMEOUT,
                     "client timeout",
@@ -187,6 +237,7 @@ pub(crate) async fn forward(
     let head = match head {
         Ok(Control::ResponseHead(head)) => head,
         Ok(_) | Err(_) => {
+            failed(exchange, &guard.cancel_reason());
             return disconnected(session_id, &guard.cancel_reason());
         }
     };
@@ -209,15 +260,111 @@ pub(crate) async fn forward(
         }
     };
     let body = if head.has_body {
-        Either::Right(response_body.with_guard(guard))
+        let body = response_body.with_guard(guard);
+        Either::Right(match exchange {
+            Some(exchange) => body.with_tap(exchange.response_tap(head.status, head.headers)),
+            None => body,
+        })
     } else {
         guard.finish();
+        if let Some(exchange) = exchange {
+            exchange.answered(head.status, head.headers, Bytes::new());
+        }
         reply::empty()
     };
     let mut response = Response::new(body);
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     response
+}
+
+/// Records the request durably as queued and answers `202` with its id.
+async fn enqueue(
+    relay: &Relay,
+    parts: &http::request::Parts,
+    body: Incoming,
+    peer: SocketAddr,
+    session_id: &str,
+    target: &str,
+    enqueuing: Enqueuing,
+) -> Response<RelayBody> {
+    let max_body = relay.config.max_body;
+    if let Some(length) = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if length > max_body {
+            return too_large(max_body);
+        }
+    }
+    let limit = usize::try_from(max_body).unwrap_or(usize::MAX);
+    let body = match Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(err) => {
+            if err.downcast_ref::<LengthLimitError>().is_some() {
+                return too_large(max_body);
+            }
+            debug!(%err, "caller's body failed");
+            return reply::error(
+                StatusCode::BAD_REQUEST,
+                "bad request body",
+                &err.to_string(),
+            );
+        }
+    };
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .map(|h| h.as_bytes())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str().as_bytes()));
+    let prefix = format!("/{session_id}");
+    let forwarded = Forwarded {
+        peer,
+        proto: &relay.config.public_scheme,
+        host,
+        prefix: &prefix,
+    };
+    let headers = request_headers(&parts.headers, &forwarded);
+    let request = NewRequest::new(
+        session_id,
+        now_ms(),
+        parts.method.as_str(),
+        target,
+        headers,
+        body,
+        RequestState::Queued,
+    );
+    let store = relay.config.store.as_ref().expect("queueing needs a store");
+    let recorded = store.record_request(request).await;
+    drop(enqueuing);
+    match recorded {
+        Ok(id) => reply::json(
+            StatusCode::ACCEPTED,
+            serde_json::json!({"queued": true, "id": id.to_string()}),
+        ),
+        Err(err) => {
+            warn!(session = %session_id, %err, "cannot queue a request");
+            let mut response = reply::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cannot queue",
+                &format!("the relay could not store the request: {err}"),
+            );
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+            response
+        }
+    }
+}
+
+/// Records a failed pass-through exchange.
+fn failed(exchange: Option<Exchange>, error: &str) {
+    if let Some(exchange) = exchange {
+        exchange.failed(error);
+    }
 }
 
 fn too_large(limit: u64) -> Response<RelayBody> {

@@ -11,6 +11,7 @@ use rand::RngCore;
 use subtle::ConstantTimeEq;
 
 use crate::auth::{sha256, TokenId};
+use crate::store::{OfflinePolicy, SessionKind, SessionRecord};
 
 /// A session's id: a claimed name, or 128 random bits in URL-safe base64.
 pub type SessionId = String;
@@ -43,12 +44,79 @@ pub struct Session {
     /// Generation of the newest granted claim; only it may go live.
     current: AtomicU64,
     live: Mutex<Option<Live>>,
+    /// Named or random.
+    pub kind: SessionKind,
+    offline: Mutex<OfflinePolicy>,
+    created_at: i64,
+    /// Offline queue bookkeeping (see `delivery`).
+    pub(crate) queue: Mutex<QueueState>,
+    /// Wakes the session's delivery task when a request was queued.
+    pub(crate) queued: tokio::sync::Notify,
+    /// Held by the session's delivery task, so only one drains the queue at a time.
+    pub(crate) delivering: tokio::sync::Mutex<()>,
+}
+
+/// Whether a session has a backlog, and how many requests are being written to it now.
+#[derive(Debug, Default)]
+pub(crate) struct QueueState {
+    /// The store may hold queued requests of this session: new requests queue behind them.
+    pub(crate) backlog: bool,
+    /// Requests being recorded as queued right now (not yet visible in the store).
+    pub(crate) writing: usize,
+    /// Requests queued so far (wrapping), to notice one that arrived during a check.
+    pub(crate) written: u64,
 }
 
 impl Session {
+    fn new(
+        id: SessionId,
+        owner: TokenId,
+        digest: [u8; 32],
+        kind: SessionKind,
+        created_at: i64,
+    ) -> Self {
+        Session {
+            id,
+            owner,
+            resume_digest: Mutex::new(digest),
+            current: AtomicU64::new(0),
+            live: Mutex::new(None),
+            kind,
+            offline: Mutex::new(OfflinePolicy::Queue),
+            created_at,
+            queue: Mutex::new(QueueState::default()),
+            queued: tokio::sync::Notify::new(),
+            delivering: tokio::sync::Mutex::new(()),
+        }
+    }
+
     /// The connection serving the session now, if a client is connected.
     pub fn live(&self) -> Option<Live> {
         self.live.lock().expect("session lock").clone()
+    }
+
+    /// What happens to requests while no client is connected.
+    pub fn offline_policy(&self) -> OfflinePolicy {
+        *self.offline.lock().expect("session lock")
+    }
+
+    /// Sets the offline policy (from the client's hello).
+    pub fn set_offline_policy(&self, policy: OfflinePolicy) {
+        *self.offline.lock().expect("session lock") = policy;
+    }
+
+    /// The session as the store keeps it.
+    pub fn record(&self, now_ms: i64) -> SessionRecord {
+        SessionRecord {
+            id: self.id.clone(),
+            owner: self.owner.0,
+            resume_digest: *self.resume_digest.lock().expect("session lock"),
+            kind: self.kind,
+            offline: self.offline_policy(),
+            respond: Default::default(),
+            created_at: self.created_at,
+            last_seen_at: now_ms,
+        }
     }
 }
 
@@ -113,6 +181,31 @@ impl Registry {
         }
     }
 
+    /// Adds sessions loaded from the store (at start-up).
+    pub fn restore(&self, records: impl IntoIterator<Item = SessionRecord>) {
+        for record in records {
+            let session = Session::new(
+                record.id.clone(),
+                TokenId(record.owner),
+                record.resume_digest,
+                record.kind,
+                record.created_at,
+            );
+            session.set_offline_policy(record.offline);
+            self.sessions.insert(record.id, Arc::new(session));
+        }
+    }
+
+    /// Number of sessions.
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Whether there are no sessions.
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
     /// Looks a session up by id.
     pub fn get(&self, id: &str) -> Option<Arc<Session>> {
         self.sessions.get(id).map(|s| s.clone())
@@ -125,6 +218,7 @@ impl Registry {
         let resume_secret = random_string(32);
         let digest = sha256(resume_secret.as_bytes());
         let generation = self.generations.fetch_add(1, Ordering::Relaxed);
+        let mut kind = SessionKind::Random;
         let (id, proof): (String, Option<&str>) = match claim {
             Claim::Random => loop {
                 let id = random_string(16);
@@ -132,7 +226,10 @@ impl Registry {
                     break (id, None);
                 }
             },
-            Claim::Named(name) => (name.to_owned(), None),
+            Claim::Named(name) => {
+                kind = SessionKind::Named;
+                (name.to_owned(), None)
+            }
             Claim::Resume { session, secret } => {
                 if !is_valid_id(session) {
                     return Err(ClaimError::BadId(session.to_owned()));
@@ -161,13 +258,13 @@ impl Registry {
             Entry::Vacant(entry) => {
                 // A resume of a session this relay no longer knows (it restarted) re-creates
                 // it, so the URL the user pasted keeps working.
-                let session = Arc::new(Session {
+                let session = Arc::new(Session::new(
                     id,
                     owner,
-                    resume_digest: Mutex::new(digest),
-                    current: AtomicU64::new(0),
-                    live: Mutex::new(None),
-                });
+                    digest,
+                    kind,
+                    crate::store::now_ms(),
+                ));
                 entry.insert(session.clone());
                 session
             }

@@ -19,6 +19,7 @@ use tracing::{info, warn, Instrument};
 
 use crate::registry::{Claim, ClaimError};
 use crate::reply::{self, RelayBody};
+use crate::store::{now_ms, OfflinePolicy};
 use crate::Relay;
 
 /// How long a client has to send its hello after the upgrade.
@@ -173,11 +174,12 @@ where
             return;
         }
     };
-    let (name, resume) = match hello {
+    let (name, resume, offline) = match hello {
         Ok(Control::Hello {
             version,
             name,
             resume,
+            offline,
             ..
         }) => {
             if version != PROTOCOL_VERSION {
@@ -187,7 +189,7 @@ where
                 refuse(&mut ws, ErrorCode::ProtocolError, &message).await;
                 return;
             }
-            (name, resume)
+            (name, resume, offline)
         }
         Ok(_) | Err(_) => {
             refuse(
@@ -241,6 +243,24 @@ where
         }
     };
     let session = granted.session.clone();
+    session.set_offline_policy(match offline.unwrap_or_default() {
+        ferry_protocol::OfflinePolicy::Reject => OfflinePolicy::Reject,
+        ferry_protocol::OfflinePolicy::Queue => OfflinePolicy::Queue,
+    });
+    if let Some(store) = &relay.config.store {
+        // The session (and its resume secret's digest) is on disk before the client learns
+        // its URL, so the URL survives a relay restart.
+        if let Err(err) = store.upsert_session(session.record(now_ms())).await {
+            warn!(session = %session.id, %err, "cannot store the session");
+            refuse(
+                &mut ws,
+                ErrorCode::Overloaded,
+                &format!("the relay cannot store the session: {err}"),
+            )
+            .await;
+            return;
+        }
+    }
     if let Some(old) = granted.replaced {
         info!(session = %session.id, "taking over the session from an older connection");
         let mux = old.mux;
@@ -271,7 +291,14 @@ where
         .registry
         .go_live(&session, granted.generation, mux.clone());
     let task = pending.start();
-    if !routable {
+    if routable {
+        if let Some(live) = session
+            .live()
+            .filter(|l| l.generation == granted.generation)
+        {
+            crate::delivery::start(relay.clone(), session.clone(), live);
+        }
+    } else {
         mux.close_with_error(
             ErrorCode::TakenOver,
             "another client with the same token took over this session",

@@ -9,8 +9,10 @@ const WAIT: Duration = Duration::from_secs(15);
 
 #[test]
 fn without_tokens_it_generates_one_prints_a_client_command_and_stops_on_sigterm() {
+    let data = tempfile::TempDir::new().unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_ferry-relay"))
         .args(["--listen", "127.0.0.1:0"])
+        .env("FERRY_DATA_DIR", data.path())
         .env_remove("FERRY_TOKENS")
         .env_remove("FERRY_LISTEN")
         .env_remove("FERRY_PUBLIC_URL")

@@ -51,7 +51,7 @@ pub use origin::{
     CHANNEL_CAPACITY, MAX_RECORDED_BODY,
 };
 pub use proxy::StallProxy;
-pub use tunnel::{client_config, TestClient, TestRelay, TOKEN};
+pub use tunnel::{client_config, KillableRelay, TestClient, TestRelay, TOKEN};
 
 /// How long any harness wait (next request, N-th connection, raw response…)
 /// lasts before it panics.

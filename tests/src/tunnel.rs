@@ -207,3 +207,113 @@ impl Drop for TestClient {
         }
     }
 }
+
+/// A relay with a durable store, on its own thread and runtime, so that [`KillableRelay::kill`]
+/// can stop it the way SIGKILL would: every task dropped at once, no graceful shutdown, no
+/// goodbye to clients.
+pub struct KillableRelay {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    kill: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl KillableRelay {
+    /// Starts a relay on 127.0.0.1:0 with its store in `data_dir`, after `tweak`.
+    pub async fn start(
+        data_dir: &std::path::Path,
+        tweak: impl FnOnce(&mut RelayConfig) + Send + 'static,
+    ) -> KillableRelay {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        Self::start_on(listener, data_dir, tweak).await
+    }
+
+    /// Starts a relay on `addr` (e.g. the port of a killed one).
+    pub async fn start_at(
+        addr: SocketAddr,
+        data_dir: &std::path::Path,
+        tweak: impl FnOnce(&mut RelayConfig) + Send + 'static,
+    ) -> KillableRelay {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_reuseaddr(true).expect("reuseaddr");
+        socket.bind(addr).expect("bind the relay's old port");
+        let listener = socket.listen(1024).expect("listen");
+        Self::start_on(listener.into_std().expect("std listener"), data_dir, tweak).await
+    }
+
+    /// Starts a relay on `listener` with its store in `data_dir`; returns once the store is
+    /// open.
+    pub async fn start_on(
+        listener: std::net::TcpListener,
+        data_dir: &std::path::Path,
+        tweak: impl FnOnce(&mut RelayConfig) + Send + 'static,
+    ) -> KillableRelay {
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("relay addr");
+        let data_dir = data_dir.to_owned();
+        let (kill, killed) = oneshot::channel::<()>();
+        let (opened_tx, opened) = oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("relay runtime");
+            runtime.block_on(async move {
+                let store = ferry_relay::store::Store::open(&data_dir, Default::default())
+                    .await
+                    .expect("open the relay's store");
+                let mut config = RelayConfig::new(
+                    &format!("http://{addr}"),
+                    vec![TOKEN.to_owned(), "other-token".to_owned()],
+                );
+                config.store = Some(store);
+                tweak(&mut config);
+                let listener = TcpListener::from_std(listener).expect("tokio listener");
+                let _ = opened_tx.send(());
+                tokio::select! {
+                    _ = ferry_relay::run(listener, config, std::future::pending()) => {}
+                    _ = killed => {}
+                }
+            });
+            // Drops every task (tunnels, deliveries, store handles) without running them on.
+            runtime.shutdown_timeout(Duration::from_secs(5));
+        });
+        tokio::time::timeout(WAIT, opened)
+            .await
+            .expect("relay store did not open in time")
+            .expect("relay thread failed to start");
+        KillableRelay {
+            addr,
+            kill: Some(kill),
+            thread: Some(thread),
+        }
+    }
+
+    /// The relay's base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Kills the relay: drops all its tasks and connections at once, then waits for its thread.
+    pub async fn kill(mut self) {
+        self.stop().await;
+    }
+
+    async fn stop(&mut self) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+impl Drop for KillableRelay {
+    fn drop(&mut self) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+    }
+}

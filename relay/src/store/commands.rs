@@ -454,3 +454,98 @@ pub(crate) fn stored_bytes(conn: &Connection) -> Result<u64> {
         .prepare_cached("SELECT stored_bytes FROM usage WHERE id = 1")?
         .query_row([], |row| row.get(0))?)
 }
+
+/// Records a request that was passed straight through, with how its exchange ended, as one
+/// finished delivery attempt: one row in `requests` (response included) and one in `attempts`,
+/// written once rather than inserted and then updated three times.
+pub(crate) fn record_exchange(
+    conn: &Connection,
+    ctx: &mut WriterCtx,
+    req: Insert,
+    outcome: &EncodedOutcome,
+    now: i64,
+) -> Result<RequestId> {
+    let known = conn
+        .prepare_cached("SELECT 1 FROM sessions WHERE id = ?1")?
+        .exists([&req.session_id])?;
+    if !known {
+        return Err(StoreError::UnknownSession(req.session_id));
+    }
+    let id = ctx.ids.next_id();
+    let duplicate_of: Option<RequestId> = match &req.provider {
+        Some((_, provider_id)) => conn
+            .prepare_cached(
+                "SELECT id FROM requests WHERE session_id = ?1 AND provider_id = ?2
+                 ORDER BY id LIMIT 1",
+            )?
+            .query_row(params![req.session_id, provider_id], |row| row.get(0))
+            .optional()?,
+        None => None,
+    };
+    let keep = req.body.len().min(ctx.record_max_body);
+    let body = &req.body[..keep];
+    let (provider, provider_id) = req.provider.unzip();
+    let (response, error) = match outcome {
+        EncodedOutcome::Delivered(response) | EncodedOutcome::Rejected { response, .. } => {
+            (Some(response), None)
+        }
+        EncodedOutcome::Error { error, .. } => (None, Some(error.as_str())),
+    };
+    let delivered = matches!(outcome, EncodedOutcome::Delivered(_));
+    let (state, attempt_outcome) = if delivered {
+        (RequestState::Delivered, AttemptOutcome::Delivered)
+    } else {
+        (RequestState::Failed, AttemptOutcome::Failed)
+    };
+    let response_keep = response.map_or(0, |r| r.body.len().min(ctx.record_max_body));
+    let stored = req.headers.len() + keep + response.map_or(0, |r| r.headers.len()) + response_keep;
+    conn.prepare_cached(
+        "INSERT INTO requests (id, session_id, received_at, method, target, provider, provider_id,
+                               duplicate_of, state, attempts, next_attempt_at, body_len,
+                               body_truncated, stored_bytes, headers, body, status, delivered_at,
+                               duration_ms, response_headers, response_body, response_body_len,
+                               response_body_truncated)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, ?3, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
+                 ?17, ?18, ?19, ?20, ?21)",
+    )?
+    .execute(params![
+        id,
+        req.session_id,
+        req.received_at,
+        req.method,
+        req.target,
+        provider,
+        provider_id,
+        duplicate_of,
+        state,
+        to_i64(req.body.len()),
+        keep < req.body.len(),
+        to_i64(stored),
+        req.headers,
+        body,
+        response.map(|r| r.status),
+        delivered.then_some(now),
+        response.map(|r| i64::try_from(r.duration_ms).unwrap_or(i64::MAX)),
+        response.map(|r| r.headers.as_slice()),
+        response.map(|r| &r.body[..response_keep]),
+        response.map(|r| to_i64(r.body.len())),
+        response.map(|r| response_keep < r.body.len()),
+    ])?;
+    let started = response.map_or(now, |r| {
+        now.saturating_sub(i64::try_from(r.duration_ms).unwrap_or(0))
+    });
+    conn.prepare_cached(
+        "INSERT INTO attempts (request_id, attempt, kind, replay_of, started_at, finished_at,
+                               outcome, status, error)
+         VALUES (?1, 1, 'delivery', NULL, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        id,
+        started,
+        now,
+        attempt_outcome,
+        response.map(|r| r.status),
+        error
+    ])?;
+    Ok(id)
+}

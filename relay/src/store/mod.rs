@@ -304,6 +304,83 @@ impl Store {
             .await
     }
 
+    /// Records a request that was passed straight through together with how its exchange
+    /// ended, in one atomic write, as if [`Store::record_request`] (state `Delivering`),
+    /// [`Store::start_attempt`] and [`Store::finish_attempt`] ran back to back: a crash never
+    /// leaves it half recorded, and so never queues it for a second delivery.
+    pub async fn record_exchange(
+        &self,
+        request: NewRequest,
+        outcome: Outcome,
+    ) -> Result<RequestId> {
+        let insert = Insert {
+            headers: codec::encode_headers(&request.headers),
+            session_id: request.session_id,
+            received_at: request.received_at,
+            method: request.method,
+            target: request.target,
+            body: request.body,
+            provider: request.provider.map(|p| (p.provider, p.id)),
+            state: RequestState::Delivering,
+        };
+        let outcome = EncodedOutcome::new(outcome);
+        let weight = insert.headers.len()
+            + insert.body.len().min(self.inner.record_max_body)
+            + outcome.weight().min(self.inner.record_max_body);
+        self.inner
+            .writer
+            .call(weight, move |conn, ctx| {
+                commands::record_exchange(conn, ctx, insert, &outcome, now_ms())
+            })
+            .await
+    }
+
+    /// [`Store::record_exchange`] for many requests in one write command (one transaction);
+    /// each request is recorded or not on its own, and gets its own result.
+    pub async fn record_exchanges(
+        &self,
+        exchanges: Vec<(NewRequest, Outcome)>,
+    ) -> Result<Vec<Result<RequestId>>> {
+        let mut weight = 0;
+        let items: Vec<(Insert, EncodedOutcome)> = exchanges
+            .into_iter()
+            .map(|(request, outcome)| {
+                let insert = Insert {
+                    headers: codec::encode_headers(&request.headers),
+                    session_id: request.session_id,
+                    received_at: request.received_at,
+                    method: request.method,
+                    target: request.target,
+                    body: request.body,
+                    provider: request.provider.map(|p| (p.provider, p.id)),
+                    state: RequestState::Delivering,
+                };
+                let outcome = EncodedOutcome::new(outcome);
+                weight += insert.headers.len()
+                    + insert.body.len().min(self.inner.record_max_body)
+                    + outcome.weight().min(self.inner.record_max_body);
+                (insert, outcome)
+            })
+            .collect();
+        self.inner
+            .writer
+            .call(weight, move |conn, ctx| {
+                let now = now_ms();
+                let mut results = Vec::with_capacity(items.len());
+                for (insert, outcome) in items {
+                    conn.execute_batch("SAVEPOINT exchange")?;
+                    let result = commands::record_exchange(conn, ctx, insert, &outcome, now);
+                    if result.is_err() {
+                        conn.execute_batch("ROLLBACK TO exchange")?;
+                    }
+                    conn.execute_batch("RELEASE exchange")?;
+                    results.push(result);
+                }
+                Ok(results)
+            })
+            .await
+    }
+
     /// Starts a delivery attempt: the request becomes [`RequestState::Delivering`] and its
     /// attempt count goes up. Returns the attempt's number, for [`Store::finish_attempt`].
     pub async fn start_attempt(&self, id: RequestId) -> Result<u32> {
