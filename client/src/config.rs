@@ -1,5 +1,6 @@
 //! Command line of the `ferry` binary.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -18,6 +19,76 @@ pub struct Cli {
 pub enum Command {
     /// Forward the session's webhooks to a local app and relay its responses.
     Listen(ListenArgs),
+    /// List the session's recorded requests, newest first (or export them with --export).
+    History(HistoryArgs),
+    /// Show one recorded request in full: head, body, response and attempts.
+    Show(ShowArgs),
+    /// Deliver a recorded request again to the connected client.
+    Replay(ShowArgs),
+}
+
+/// Options every history command shares.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RelayArgs {
+    /// Relay base URL, e.g. https://relay.example.com.
+    #[arg(long, env = "FERRY_RELAY")]
+    pub relay: String,
+
+    /// Token the relay accepts (the session owner's).
+    #[arg(long, env = "FERRY_TOKEN", hide_env_values = true)]
+    pub token: String,
+
+    /// The session: its name (as given to `listen --name`) or random id.
+    #[arg(long, visible_alias = "name", env = "FERRY_SESSION")]
+    pub session: String,
+
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `ferry history` options.
+#[derive(Debug, clap::Args)]
+pub struct HistoryArgs {
+    /// Relay, token, session.
+    #[command(flatten)]
+    pub relay: RelayArgs,
+
+    /// Only this status (404) or class (5xx).
+    #[arg(long)]
+    pub status: Option<String>,
+
+    /// Only this method (POST).
+    #[arg(long)]
+    pub method: Option<String>,
+
+    /// Only paths starting with this (/webhooks/).
+    #[arg(long)]
+    pub path: Option<String>,
+
+    /// Only requests received within this long ago (1h, 30m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub since: Option<Duration>,
+
+    /// At most this many requests (newest first); with --export, all are exported by default.
+    #[arg(long)]
+    pub limit: Option<usize>,
+
+    /// Write the requests in full to FILE: HAR if it ends in .har, NDJSON otherwise (one
+    /// record per line, raw bodies as base64).
+    #[arg(long, value_name = "FILE")]
+    pub export: Option<PathBuf>,
+}
+
+/// `ferry show` / `ferry replay` options.
+#[derive(Debug, clap::Args)]
+pub struct ShowArgs {
+    /// The request's id, as `ferry history` lists it.
+    pub id: String,
+
+    /// Relay, token, session.
+    #[command(flatten)]
+    pub relay: RelayArgs,
 }
 
 /// `ferry listen` options.
@@ -50,4 +121,32 @@ pub struct ListenArgs {
     /// Print JSON lines (first a "ready" event with the URL, then one per request).
     #[arg(long)]
     pub json: bool,
+
+    /// While this client is away, the relay queues requests (answering 202) or rejects them
+    /// (503 with Retry-After, so providers that retry will retry). Stored with the session.
+    #[arg(long, value_enum, default_value = "queue")]
+    pub offline: OfflineArg,
+
+    /// Where delivered request ids are remembered, so a redelivery is never passed to the app
+    /// twice. Default: $XDG_STATE_HOME/ferry or ~/.local/state/ferry.
+    #[arg(long, env = "FERRY_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// `--offline` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OfflineArg {
+    /// Queue durably and answer 202; deliver when the client is back.
+    Queue,
+    /// Answer 503 with Retry-After.
+    Reject,
+}
+
+impl From<OfflineArg> for ferry_protocol::OfflinePolicy {
+    fn from(arg: OfflineArg) -> Self {
+        match arg {
+            OfflineArg::Queue => ferry_protocol::OfflinePolicy::Queue,
+            OfflineArg::Reject => ferry_protocol::OfflinePolicy::Reject,
+        }
+    }
 }

@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use ferry_protocol::{Control, ErrorCode, Resume, CONNECT_PATH, PROTOCOL_VERSION, SUBPROTOCOL};
+use ferry_protocol::{
+    Control, ErrorCode, OfflinePolicy, Resume, CONNECT_PATH, PROTOCOL_VERSION, SUBPROTOCOL,
+};
 use futures_util::{SinkExt, StreamExt};
 use http::{header, HeaderValue};
 use tokio::net::TcpStream;
@@ -77,6 +79,7 @@ pub(crate) async fn connect(
     token: &str,
     name: Option<&str>,
     resume: Option<&Resume>,
+    offline: Option<OfflinePolicy>,
 ) -> Result<(RelaySocket, Welcome), ConnectError> {
     let mut request = url
         .into_client_request()
@@ -111,7 +114,7 @@ pub(crate) async fn connect(
         } else {
             None
         },
-        offline: None,
+        offline,
     };
     let exchange = async {
         ws.send(Message::text(hello.encode())).await?;

@@ -62,6 +62,62 @@ pub struct RequestEvent {
     /// What went wrong, if the local app could not answer properly.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The relay's id of this request, when the relay records requests.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivery_id: Option<String>,
+    /// How long ago the relay received it, in ms (a queued request may be minutes old).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub age_ms: Option<u64>,
+    /// The relay's delivery attempt (1 for the first).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// The id had already been delivered: the app was not called again.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
+}
+
+/// Deliveries older than this fail the signature check of Stripe, Slack and Standard Webhooks.
+pub const SIGNATURE_TOLERANCE_MS: u64 = 5 * 60 * 1000;
+
+impl RequestEvent {
+    /// A fresh event for a request.
+    pub fn new(id: u64, method: &str, path: &str) -> Self {
+        RequestEvent {
+            id,
+            method: method.to_owned(),
+            path: path.to_owned(),
+            status: 0,
+            duration_ms: 0.0,
+            request_bytes: 0,
+            response_bytes: 0,
+            error: None,
+            delivery_id: None,
+            age_ms: None,
+            attempt: None,
+            duplicate: false,
+        }
+    }
+
+    /// The warning to show for a delivery older than the providers' signature tolerance.
+    pub fn late_warning(&self) -> Option<String> {
+        let age = self.age_ms.filter(|age| *age > SIGNATURE_TOLERANCE_MS)?;
+        Some(format!(
+            "delivered {} late: Stripe/Slack/Standard Webhooks signatures older than 5 min fail verification",
+            short_age(age)
+        ))
+    }
+}
+
+/// `7m`, `2h05m`, `3d4h`: an age for people.
+fn short_age(ms: u64) -> String {
+    let minutes = ms / 60_000;
+    if minutes < 60 {
+        format!("{minutes}m")
+    } else if minutes < 24 * 60 {
+        format!("{}h{:02}m", minutes / 60, minutes % 60)
+    } else {
+        format!("{}d{}h", minutes / (24 * 60), (minutes / 60) % 24)
+    }
 }
 
 /// Milliseconds with microsecond precision.
@@ -124,9 +180,18 @@ fn human(event: &Event) -> String {
                 "{clock}  {:<7} {:<40} {:>3}  {:>8.1} ms",
                 r.method, r.path, r.status, r.duration_ms
             );
+            if r.duplicate {
+                line.push_str("  duplicate: delivery ");
+                line.push_str(r.delivery_id.as_deref().unwrap_or("?"));
+                line.push_str(" was already handed to the app; not passed again");
+            }
             if let Some(error) = &r.error {
                 line.push_str("  ");
                 line.push_str(error);
+            }
+            if let Some(warning) = r.late_warning() {
+                line.push_str("  ⚠ ");
+                line.push_str(&warning);
             }
             line
         }
@@ -159,20 +224,27 @@ mod tests {
             line,
             r#"{"event":"ready","url":"http://r/s","session":"s","target":"http://localhost:3000"}"#
         );
-        let request = Event::Request(RequestEvent {
-            id: 1,
-            method: "POST".into(),
-            path: "/x".into(),
-            status: 200,
-            duration_ms: 1.5,
-            request_bytes: 3,
-            response_bytes: 4,
-            error: None,
-        });
-        let (line, _) = console.render(&request).unwrap();
+        let mut event = RequestEvent::new(1, "POST", "/x");
+        event.status = 200;
+        event.duration_ms = 1.5;
+        event.request_bytes = 3;
+        event.response_bytes = 4;
+        let (line, _) = console.render(&Event::Request(event.clone())).unwrap();
         assert_eq!(
             line,
             r#"{"event":"request","id":1,"method":"POST","path":"/x","status":200,"duration_ms":1.5,"request_bytes":3,"response_bytes":4}"#
         );
+        event.delivery_id = Some("01J".into());
+        event.age_ms = Some(7 * 60 * 1000 + 5);
+        event.attempt = Some(2);
+        event.duplicate = true;
+        let (line, _) = console.render(&Event::Request(event.clone())).unwrap();
+        assert_eq!(
+            line,
+            r#"{"event":"request","id":1,"method":"POST","path":"/x","status":200,"duration_ms":1.5,"request_bytes":3,"response_bytes":4,"delivery_id":"01J","age_ms":420005,"attempt":2,"duplicate":true}"#
+        );
+        let (line, _) = Console::new(false).render(&Event::Request(event)).unwrap();
+        assert!(line.contains("delivered 7m late: Stripe/Slack/Standard Webhooks signatures older than 5 min fail verification"), "{line}");
+        assert!(line.contains("duplicate"), "{line}");
     }
 }

@@ -1,7 +1,7 @@
 //! Forwarding one request to the local app and streaming its response back.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -15,6 +15,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::mpsc;
 use tracing::debug;
 
+use crate::dedupe::{DeliveredIds, Seen};
 use crate::events::{millis, Event, RequestEvent};
 use crate::target::Target;
 
@@ -29,7 +30,12 @@ pub(crate) struct Forwarder {
     client: Client<HttpConnector, AppBody>,
     events: mpsc::Sender<Event>,
     next_id: AtomicU64,
+    /// Delivery ids already handed to the app, for the current session.
+    delivered: Mutex<Option<Arc<DeliveredIds>>>,
 }
+
+/// Header on the answer to a delivery the app had already seen.
+pub const DUPLICATE_HEADER: &str = "ferry-duplicate";
 
 impl Forwarder {
     pub(crate) fn new(target: Target, timeout: Duration, events: mpsc::Sender<Event>) -> Self {
@@ -46,7 +52,17 @@ impl Forwarder {
             client,
             events,
             next_id: AtomicU64::new(1),
+            delivered: Mutex::new(None),
         }
+    }
+
+    /// Uses `ids` to remember delivered ids from now on (after a welcome).
+    pub(crate) fn set_delivered(&self, ids: Arc<DeliveredIds>) {
+        *self.delivered.lock().expect("delivered lock") = Some(ids);
+    }
+
+    fn delivered(&self) -> Option<Arc<DeliveredIds>> {
+        self.delivered.lock().expect("delivered lock").clone()
     }
 
     /// Starts forwarding the request `head` announced on `mux`.
@@ -76,16 +92,41 @@ impl Forwarder {
         let started = Instant::now();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let request_bytes = Arc::new(AtomicU64::new(0));
-        let mut event = RequestEvent {
-            id,
-            method: head.method.clone(),
-            path: head.target.clone(),
-            status: 0,
-            duration_ms: 0.0,
-            request_bytes: 0,
-            response_bytes: 0,
-            error: None,
-        };
+        let mut event = RequestEvent::new(id, &head.method, &head.target);
+        // A delivery of a recorded request: refuse to hand an id to the app twice.
+        let mut dedupe: Option<(Arc<DeliveredIds>, String)> = None;
+        if let Some(delivery) = &head.delivery {
+            let now = i64::try_from(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_millis(),
+            )
+            .unwrap_or(i64::MAX);
+            event.delivery_id = Some(delivery.id.clone());
+            event.age_ms =
+                Some(u64::try_from(now.saturating_sub(delivery.received_at_ms)).unwrap_or(0));
+            event.attempt = Some(delivery.attempt);
+            if let Some(ids) = self.delivered() {
+                match ids.begin(&delivery.id) {
+                    Seen::Fresh => dedupe = Some((ids, delivery.id.clone())),
+                    seen => {
+                        return self
+                            .answer_duplicate(
+                                seen,
+                                &delivery.id,
+                                sender,
+                                body,
+                                guard,
+                                event,
+                                started,
+                            )
+                            .await;
+                    }
+                }
+            }
+        }
+        let mut dedupe = DedupeGuard(dedupe);
         let outcome = match self.build_request(&head, body, request_bytes.clone()) {
             Ok(request) => {
                 event.path = request
@@ -108,6 +149,16 @@ impl Forwarder {
         match outcome {
             Ok(response) => {
                 event.status = response.status().as_u16();
+                // The app answered: unless it failed (5xx, which the relay retries), the id
+                // is on disk before the relay hears of it, so a redelivery after a lost
+                // acknowledgement is not passed to the app again.
+                if let Some((ids, id)) = dedupe.0.take() {
+                    if response.status().is_server_error() {
+                        ids.abandon(&id);
+                    } else if let Err(err) = ids.commit(&id).await {
+                        tracing::warn!(%err, id, "could not record the delivered id");
+                    }
+                }
                 let (parts, body) = response.into_parts();
                 let has_body = !http_body::Body::is_end_stream(&body);
                 let head = ResponseHead {
@@ -116,10 +167,16 @@ impl Forwarder {
                     headers: header_list(&parts.headers),
                     has_body,
                 };
-                if let Err(err) = sender.send_control(Control::ResponseHead(head)).await {
-                    event.error = Some(err.to_string());
-                } else if has_body {
-                    match sender.pump(body, None).await {
+                if !has_body {
+                    match sender.send_control(Control::ResponseHead(head)).await {
+                        Ok(()) => guard.finish(),
+                        Err(err) => event.error = Some(err.to_string()),
+                    }
+                } else {
+                    match sender
+                        .send_head_and_body(Control::ResponseHead(head), body, None)
+                        .await
+                    {
                         Ok(sent) => {
                             event.response_bytes = sent;
                             guard.finish();
@@ -131,8 +188,6 @@ impl Forwarder {
                         }
                         Err(err) => event.error = Some(err.to_string()),
                     }
-                } else {
-                    guard.finish();
                 }
             }
             Err((status, error, detail)) => {
@@ -159,6 +214,65 @@ impl Forwarder {
             }
         }
         event.request_bytes = request_bytes.load(Ordering::Relaxed);
+        event.duration_ms = millis(started.elapsed());
+        event
+    }
+
+    /// Answers a delivery whose id the app has already seen (or is seeing right now) without
+    /// calling the app: `200` with `ferry-duplicate: 1`, or `503` while the first is in flight.
+    #[allow(clippy::too_many_arguments)]
+    async fn answer_duplicate(
+        &self,
+        seen: Seen,
+        id: &str,
+        sender: StreamSender,
+        body: TunnelBody,
+        guard: &StreamGuard,
+        mut event: RequestEvent,
+        started: Instant,
+    ) -> RequestEvent {
+        // Drain the request body so the relay's upload completes.
+        if let Ok(collected) = body.collect().await {
+            event.request_bytes = collected.to_bytes().len() as u64;
+        }
+        let (status, marker, json) = if seen == Seen::Delivered {
+            (
+                StatusCode::OK,
+                "1",
+                serde_json::json!({ "duplicate": true, "id": id }),
+            )
+        } else {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "in-flight",
+                serde_json::json!({ "duplicate": true, "id": id, "in_flight": true }),
+            )
+        };
+        let text = json.to_string();
+        let mut headers = HeaderList::new();
+        headers.push("content-type", "application/json");
+        headers.push("content-length", text.len().to_string());
+        headers.push(DUPLICATE_HEADER, marker);
+        if seen == Seen::InFlight {
+            headers.push("retry-after", "1");
+        }
+        let head = ResponseHead {
+            stream: sender.id(),
+            status: status.as_u16(),
+            headers,
+            has_body: true,
+        };
+        event.status = status.as_u16();
+        event.duplicate = true;
+        event.response_bytes = text.len() as u64;
+        if sender
+            .send_control(Control::ResponseHead(head))
+            .await
+            .is_ok()
+            && sender.send_data(Bytes::from(text), true).await.is_ok()
+        {
+            guard.finish();
+        }
         event.duration_ms = millis(started.elapsed());
         event
     }
@@ -227,6 +341,17 @@ impl Forwarder {
                     self.timeout.as_secs_f64()
                 ),
             )),
+        }
+    }
+}
+
+/// Releases an id marked in flight when the exchange ends without the app's answer.
+struct DedupeGuard(Option<(Arc<DeliveredIds>, String)>);
+
+impl Drop for DedupeGuard {
+    fn drop(&mut self) {
+        if let Some((ids, id)) = self.0.take() {
+            ids.abandon(&id);
         }
     }
 }

@@ -8,24 +8,30 @@
 //! - [`target`]: the only place requests may go.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_mux::{ControlHandler, Mux, MuxConfig, MuxHandle};
-use ferry_protocol::{Control, ErrorCode, Resume};
+use ferry_protocol::{Control, ErrorCode, OfflinePolicy, Resume};
 use rand::Rng;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+pub mod api;
+mod commands;
 mod config;
 mod connect;
+pub mod dedupe;
 pub mod events;
 mod forward;
 pub mod target;
 
-pub use config::{Cli, Command, ListenArgs};
+pub use commands::run_command;
+pub use config::{Cli, Command, HistoryArgs, ListenArgs, OfflineArg, RelayArgs, ShowArgs};
 pub use connect::connect_url;
 pub use events::{Console, Event, RequestEvent};
+pub use forward::DUPLICATE_HEADER;
 pub use target::Target;
 
 use connect::{ConnectError, Welcome};
@@ -50,6 +56,14 @@ pub struct ClientConfig {
     pub max_backoff: Duration,
     /// Flow-control counters of the tunnel, across reconnects (for tests and benchmarks).
     pub stats: Arc<ferry_mux::MuxStats>,
+    /// Where the ids of delivered requests are kept (one small file per session), so that a
+    /// redelivery is never handed to the app twice, even across restarts. `None` (the default
+    /// here; the `ferry` binary uses [`dedupe::default_state_dir`]) remembers them in memory
+    /// only, for the life of the process.
+    pub state_dir: Option<PathBuf>,
+    /// What the relay should do with requests while this client is away (`--offline`);
+    /// `None` leaves the relay's default.
+    pub offline: Option<OfflinePolicy>,
 }
 
 impl ClientConfig {
@@ -64,6 +78,8 @@ impl ClientConfig {
             heartbeat_timeout: Duration::from_secs(30),
             max_backoff: Duration::from_secs(30),
             stats: Arc::default(),
+            state_dir: None,
+            offline: None,
         }
     }
 }
@@ -101,6 +117,30 @@ impl ControlHandler for ClientHandler {
     }
 }
 
+/// The delivered-id set of `session`, from its file under `state_dir` (in memory only if there
+/// is none or it cannot be used).
+async fn open_delivered(state_dir: Option<PathBuf>, session: &str) -> Arc<dedupe::DeliveredIds> {
+    let capacity = dedupe::DEFAULT_CAPACITY;
+    let Some(dir) = state_dir else {
+        return Arc::new(dedupe::DeliveredIds::in_memory(capacity));
+    };
+    let session = session.to_owned();
+    let opened = tokio::task::spawn_blocking(move || {
+        dedupe::DeliveredIds::open(&dir, &session, capacity)
+            .map_err(|e| format!("{}: {e}", dir.display()))
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r);
+    match opened {
+        Ok(ids) => Arc::new(ids),
+        Err(err) => {
+            warn!(%err, "cannot use the state directory; delivered ids are kept in memory only");
+            Arc::new(dedupe::DeliveredIds::in_memory(capacity))
+        }
+    }
+}
+
 /// Delay before reconnection attempt `attempt` (1-based): exponential, capped, with jitter.
 fn backoff(attempt: u32, max: Duration) -> Duration {
     let base = Duration::from_millis(200).saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
@@ -124,6 +164,7 @@ pub async fn run(
     ));
     let mut shutdown = std::pin::pin!(shutdown);
     let mut resume: Option<Resume> = None;
+    let mut dedupe_session: Option<String> = None;
     let mut announced = false;
     let mut attempt: u32 = 0;
     loop {
@@ -136,8 +177,13 @@ pub async fn run(
                 })
                 .await;
         }
-        let connecting =
-            connect::connect(&url, &config.token, config.name.as_deref(), resume.as_ref());
+        let connecting = connect::connect(
+            &url,
+            &config.token,
+            config.name.as_deref(),
+            resume.as_ref(),
+            config.offline,
+        );
         let result = tokio::select! {
             _ = &mut shutdown => return Ok(()),
             result = connecting => result,
@@ -154,6 +200,11 @@ pub async fn run(
                     session: session.clone(),
                     secret: resume_secret,
                 });
+                if dedupe_session.as_deref() != Some(session.as_str()) {
+                    forwarder
+                        .set_delivered(open_delivered(config.state_dir.clone(), &session).await);
+                    dedupe_session = Some(session.clone());
+                }
                 let event = if announced {
                     Event::Online {
                         url: public_url.clone(),

@@ -39,7 +39,10 @@ fn main() -> ExitCode {
 }
 
 async fn main_async(cli: Cli) -> Result<(), String> {
-    let Command::Listen(args) = cli.command;
+    let args = match cli.command {
+        Command::Listen(args) => args,
+        other => return ferry_client::run_command(other).await,
+    };
     let target = Target::parse(&args.target).map_err(|e| e.to_string())?;
     if let Some(name) = &args.name {
         ferry_protocol::validate_session_name(name)
@@ -50,6 +53,11 @@ async fn main_async(cli: Cli) -> Result<(), String> {
     config.name = args.name;
     config.timeout = args.timeout;
     config.heartbeat_timeout = args.heartbeat_timeout;
+    config.offline = Some(args.offline.into());
+    config.state_dir = Some(
+        args.state_dir
+            .unwrap_or_else(ferry_client::dedupe::default_state_dir),
+    );
 
     let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(1024);
     let mut console = Console::new(args.json);
