@@ -272,7 +272,7 @@ start_ferry() {
   local tag=$1; shift
   RELAY_PORT=$(free_ports 1)
   start "relay-$tag" "$BIN/ferry-relay" --listen "127.0.0.1:$RELAY_PORT" \
-    --public-url "http://127.0.0.1:$RELAY_PORT" --token "$TOKEN" "$@"
+    --public-url "http://127.0.0.1:$RELAY_PORT" --token "$TOKEN" --data-dir "$WORK/data-$tag" "$@"
   RELAY_PID=$LAST_PID
   wait_line "$WORK/relay-$tag.err" 'listening on' "$RELAY_PID" || return 1
   start "client-$tag" "$BIN/ferry" listen "$ORIGIN_PORT" --relay "http://127.0.0.1:$RELAY_PORT" \
@@ -372,7 +372,7 @@ idle() {
   local n=$1 relay clients rss0 rss1
   RELAY_PORT=$(free_ports 1)
   start "relay-idle$n" "$BIN/ferry-relay" --listen "127.0.0.1:$RELAY_PORT" \
-    --public-url "http://127.0.0.1:$RELAY_PORT" --token "$TOKEN"
+    --public-url "http://127.0.0.1:$RELAY_PORT" --token "$TOKEN" --data-dir "$WORK/data-idle$n"
   relay=$LAST_PID
   wait_line "$WORK/relay-idle$n.err" 'listening on' "$relay" || return 1
   sleep 0.5 # let the fresh relay settle before the baseline reading
