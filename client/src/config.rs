@@ -127,10 +127,54 @@ pub struct ListenArgs {
     #[arg(long, value_enum, default_value = "queue")]
     pub offline: OfflineArg,
 
+    /// Answer every request at once (202 with the queued id, or --respond-status and
+    /// --respond-body) and deliver it to the app through the relay's queue: for stepping
+    /// through a handler in a debugger while the provider is already answered.
+    #[arg(long, conflicts_with = "deadline")]
+    pub respond_now: bool,
+
+    /// With --respond-now: the status to answer with (200-599; default 202).
+    #[arg(long, requires = "respond_now", value_parser = clap::value_parser!(u16).range(200..=599))]
+    pub respond_status: Option<u16>,
+
+    /// With --respond-now: the body to answer with (default {"queued":true,"id":"..."}).
+    #[arg(long, requires = "respond_now")]
+    pub respond_body: Option<String>,
+
+    /// Relay the app's real response if it answers within this long (e.g. 8s); otherwise the
+    /// relay answers 202 at the deadline, the request carries on to the app and its real
+    /// result is recorded in history. Slack gives 3s, Shopify 5s, GitHub 10s.
+    #[arg(long, value_parser = parse_deadline)]
+    pub deadline: Option<Duration>,
+
     /// Where delivered request ids are remembered, so a redelivery is never passed to the app
     /// twice. Default: $XDG_STATE_HOME/ferry or ~/.local/state/ferry.
     #[arg(long, env = "FERRY_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+}
+
+fn parse_deadline(text: &str) -> Result<Duration, String> {
+    let deadline = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if deadline.is_zero() {
+        return Err("the deadline must be longer than 0s (e.g. 8s)".into());
+    }
+    Ok(deadline)
+}
+
+impl ListenArgs {
+    /// The answer mode these options ask for; `None` is the relay's default (`pass`).
+    pub fn respond_policy(&self) -> Option<ferry_protocol::RespondPolicy> {
+        if self.respond_now {
+            return Some(ferry_protocol::RespondPolicy::Now {
+                status: self.respond_status,
+                body: self.respond_body.clone(),
+            });
+        }
+        self.deadline
+            .map(|deadline| ferry_protocol::RespondPolicy::Deadline {
+                millis: u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
+            })
+    }
 }
 
 /// `--offline` values.

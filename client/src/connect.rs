@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use ferry_protocol::{
-    Control, ErrorCode, OfflinePolicy, Resume, CONNECT_PATH, PROTOCOL_VERSION, SUBPROTOCOL,
+    Control, ErrorCode, OfflinePolicy, RespondPolicy, Resume, CONNECT_PATH, PROTOCOL_VERSION,
+    SUBPROTOCOL,
 };
 use futures_util::{SinkExt, StreamExt};
 use http::{header, HeaderValue};
@@ -80,6 +81,7 @@ pub(crate) async fn connect(
     name: Option<&str>,
     resume: Option<&Resume>,
     offline: Option<OfflinePolicy>,
+    respond: Option<&RespondPolicy>,
 ) -> Result<(RelaySocket, Welcome), ConnectError> {
     let mut request = url
         .into_client_request()
@@ -115,6 +117,7 @@ pub(crate) async fn connect(
             None
         },
         offline,
+        respond: respond.cloned(),
     };
     let exchange = async {
         ws.send(Message::text(hello.encode())).await?;

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_mux::{ControlHandler, Mux, MuxConfig, MuxHandle};
-use ferry_protocol::{Control, ErrorCode, OfflinePolicy, Resume};
+use ferry_protocol::{Control, ErrorCode, OfflinePolicy, RespondPolicy, Resume};
 use rand::Rng;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
@@ -64,6 +64,8 @@ pub struct ClientConfig {
     /// What the relay should do with requests while this client is away (`--offline`);
     /// `None` leaves the relay's default.
     pub offline: Option<OfflinePolicy>,
+    /// How the relay answers callers (`--respond-now`, `--deadline`); `None` keeps `pass`.
+    pub respond: Option<RespondPolicy>,
 }
 
 impl ClientConfig {
@@ -80,6 +82,7 @@ impl ClientConfig {
             stats: Arc::default(),
             state_dir: None,
             offline: None,
+            respond: None,
         }
     }
 }
@@ -183,6 +186,7 @@ pub async fn run(
             config.name.as_deref(),
             resume.as_ref(),
             config.offline,
+            config.respond.as_ref(),
         );
         let result = tokio::select! {
             _ = &mut shutdown => return Ok(()),

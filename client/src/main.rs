@@ -50,6 +50,7 @@ async fn main_async(cli: Cli) -> Result<(), String> {
     }
     ferry_client::connect_url(&args.relay).map_err(|e| format!("invalid --relay: {e}"))?;
     let mut config = ClientConfig::new(&args.relay, &args.token, target);
+    config.respond = args.respond_policy();
     config.name = args.name;
     config.timeout = args.timeout;
     config.heartbeat_timeout = args.heartbeat_timeout;

@@ -184,6 +184,34 @@ fn bad_arguments_exit_nonzero_naming_the_problem() {
 }
 
 #[test]
+fn answer_mode_options_are_checked() {
+    let cases: [(&[&str], &str); 4] = [
+        (&["--respond-status", "200"], "--respond-now"),
+        (
+            &["--respond-now", "--deadline", "8s"],
+            "cannot be used with",
+        ),
+        (&["--deadline", "0s"], "longer than 0s"),
+        (&["--respond-now", "--respond-status", "99"], "200..=599"),
+    ];
+    for (extra, expected) in cases {
+        let mut args = vec![
+            "listen",
+            "3000",
+            "--relay",
+            "http://127.0.0.1:9",
+            "--token",
+            "t",
+        ];
+        args.extend_from_slice(extra);
+        let mut child = ferry(&args);
+        assert!(!wait_exit(&mut child).success(), "{extra:?}");
+        let text: Vec<String> = lines(child.stderr.take().unwrap()).iter().collect();
+        assert!(text.join("\n").contains(expected), "{extra:?}: {text:?}");
+    }
+}
+
+#[test]
 fn unreachable_relay_is_retried_and_reported_on_each_attempt() {
     let closed = StdListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", closed.local_addr().unwrap());

@@ -82,6 +82,33 @@ pub enum OfflinePolicy {
     Reject,
 }
 
+/// How the relay answers a session's callers; stored with the session.
+///
+/// Providers give a webhook 2–10 s (Slack 3 s, Shopify 5 s, GitHub 10 s), so the choice is the
+/// user's, per session.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum RespondPolicy {
+    /// The local app's real response, streamed back (offline: the offline policy applies).
+    #[default]
+    Pass,
+    /// The relay answers every request at once and delivers it through the queue.
+    Now {
+        /// Status to answer with; `None` means `202`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        status: Option<u16>,
+        /// Body to answer with; `None` means `{"queued":true,"id":...}`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        body: Option<String>,
+    },
+    /// The real response if the local app answers within `millis`; otherwise the relay answers
+    /// `202` at the deadline and the exchange carries on, its result recorded.
+    Deadline {
+        /// The deadline in milliseconds.
+        millis: u64,
+    },
+}
+
 /// The head of the local app's response, sent by the client.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResponseHead {
@@ -147,6 +174,9 @@ pub enum Control {
         /// What to do with requests while this client is away; stored with the session.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         offline: Option<OfflinePolicy>,
+        /// How the relay answers callers; stored with the session. `None` keeps `pass`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        respond: Option<RespondPolicy>,
     },
     /// Relay → client, answer to `Hello`: the session is live.
     Welcome {
@@ -319,6 +349,10 @@ mod tests {
                     name,
                     resume: resume.map(|(session, secret)| Resume { session, secret }),
                     offline: Some(OfflinePolicy::Reject),
+                    respond: Some(RespondPolicy::Now {
+                        status: Some(200),
+                        body: Some("{}".into()),
+                    }),
                 }),
             (".*", ".*", ".*", ".*").prop_map(|(session, url, resume_secret, agent)| {
                 Control::Welcome {

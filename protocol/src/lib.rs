@@ -19,7 +19,7 @@ mod session;
 
 pub use control::{
     Control, ControlError, Delivery, ErrorCode, HttpVersion, OfflinePolicy, RequestHead,
-    ResponseHead, Resume,
+    RespondPolicy, ResponseHead, Resume,
 };
 pub use frame::{DataFrame, FrameError, FRAME_HEADER_LEN};
 pub use headers::{HeaderList, HeaderListError};

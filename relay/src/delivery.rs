@@ -69,14 +69,32 @@ pub(crate) fn start(relay: Arc<Relay>, session: Arc<Session>, live: Live) {
     let Some(store) = relay.config.store.clone() else {
         return;
     };
+    session.queue.lock().expect("queue lock").draining += 1;
     tokio::spawn(async move {
-        let turn = tokio::select! {
-            turn = session.delivering.lock() => turn,
-            _ = live.mux.closed() => return,
+        let cleared = tokio::select! {
+            turn = session.delivering.lock() => {
+                let cleared = drain(&relay, &store, &session, &live).await;
+                drop(turn);
+                cleared
+            }
+            _ = live.mux.closed() => false,
         };
-        drain(&relay, &store, &session, &live).await;
-        drop(turn);
+        if !cleared {
+            session.queue.lock().expect("queue lock").draining -= 1;
+        }
     });
+}
+
+/// Makes sure a delivery task serves `session`'s queue if a client is connected: after a
+/// request was queued while one is (`--respond-now`, or a request caught at a disconnect).
+pub(crate) fn nudge(relay: &Arc<Relay>, session: &Arc<Session>) {
+    let Some(live) = session.live() else {
+        return;
+    };
+    if session.queue.lock().expect("queue lock").draining > 0 {
+        return;
+    }
+    start(relay.clone(), session.clone(), live);
 }
 
 /// What became of one delivery attempt.
@@ -89,10 +107,12 @@ enum Step {
     Stop,
 }
 
-async fn drain(relay: &Relay, store: &Store, session: &Arc<Session>, live: &Live) {
+/// Delivers the session's queue; true when it ended because the backlog was cleared (and the
+/// task was counted out of `draining` under the same lock).
+async fn drain(relay: &Relay, store: &Store, session: &Arc<Session>, live: &Live) -> bool {
     loop {
         if live.mux.is_closed() {
-            return;
+            return false;
         }
         let seen = session.queue.lock().expect("queue lock").written;
         let notified = session.queued.notified();
@@ -105,7 +125,7 @@ async fn drain(relay: &Relay, store: &Store, session: &Arc<Session>, live: &Live
                 if wait(live, tokio::time::sleep(Duration::from_secs(1))).await {
                     continue;
                 }
-                return;
+                return false;
             }
         };
         if batch.is_empty() {
@@ -126,7 +146,7 @@ async fn drain(relay: &Relay, store: &Store, session: &Arc<Session>, live: &Live
                         _ = live.mux.closed() => false,
                     };
                     if !woke {
-                        return;
+                        return false;
                     }
                 }
                 None => {
@@ -134,12 +154,13 @@ async fn drain(relay: &Relay, store: &Store, session: &Arc<Session>, live: &Live
                         let mut queue = session.queue.lock().expect("queue lock");
                         if queue.writing == 0 && queue.written == seen {
                             queue.backlog = false;
+                            queue.draining -= 1;
                             debug!(session = %session.id, "backlog delivered");
-                            return;
+                            return true;
                         }
                     }
                     if !wait(live, notified).await {
-                        return;
+                        return false;
                     }
                 }
             }
@@ -149,12 +170,12 @@ async fn drain(relay: &Relay, store: &Store, session: &Arc<Session>, live: &Live
             loop {
                 match deliver(relay, store, live, &item).await {
                     Step::Next => break,
-                    Step::Stop => return,
+                    Step::Stop => return false,
                     Step::RetryAt(at) => {
                         let delay =
                             Duration::from_millis(u64::try_from(at - now_ms()).unwrap_or(0));
                         if !wait(live, tokio::time::sleep(delay)).await {
-                            return;
+                            return false;
                         }
                     }
                 }
@@ -340,15 +361,27 @@ async fn exchange(
             }
         };
         let body = if head.has_body {
-            match body.with_guard(guard).collect().await {
-                Ok(collected) => collected.to_bytes(),
-                Err(err) => {
-                    return Err(Failure {
-                        gone: live.mux.is_closed(),
-                        error: format!("response body failed: {}", err.0),
-                    })
+            // Read to the end (the app's answer is complete only then), keeping no more than
+            // the record limit.
+            let mut body = body.with_guard(guard);
+            let mut kept = bytes::BytesMut::new();
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(frame) => {
+                        if let Some(data) = frame.data_ref() {
+                            let room = relay.config.record_max_body.saturating_sub(kept.len());
+                            kept.extend_from_slice(&data[..data.len().min(room)]);
+                        }
+                    }
+                    Err(err) => {
+                        return Err(Failure {
+                            gone: live.mux.is_closed(),
+                            error: format!("response body failed: {}", err.0),
+                        })
+                    }
                 }
             }
+            kept.freeze()
         } else {
             guard.finish();
             Bytes::new()

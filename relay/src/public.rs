@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use ferry_mux::{MuxError, PumpError};
 use ferry_protocol::{Control, HttpVersion, RequestHead};
-use http::{header, HeaderValue, Request, Response, StatusCode, Version};
+use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::Either;
 use http_body_util::{BodyExt as _, LengthLimitError, Limited};
@@ -15,11 +15,15 @@ use tracing::{debug, warn};
 
 use crate::delivery::Enqueuing;
 use crate::record::{Exchange, Tee};
-use crate::store::{now_ms, NewRequest, OfflinePolicy, RequestState};
+use crate::registry::{Live, Session};
+use crate::store::{now_ms, NewRequest, OfflinePolicy, RequestState, RespondMode};
 
 use crate::headers::{request_headers, to_header_map, Forwarded};
 use crate::reply::{self, RelayBody};
 use crate::Relay;
+
+/// Header naming the queued request's id on a `202` (or `--respond-now`) answer.
+const QUEUED_ID_HEADER: &str = "ferry-queued-id";
 
 /// Seconds a caller is told to wait before retrying a session with no client.
 const RETRY_AFTER_SECS: &str = "5";
@@ -72,16 +76,22 @@ pub(crate) async fn forward(
         );
     };
     let live = session.live();
+    let respond = match relay.config.store {
+        Some(_) => session.respond_mode(),
+        None => RespondMode::Pass,
+    };
     if relay.config.store.is_some() {
         // Queue when no client is connected (unless the session opted out), and behind a
-        // backlog even when one is, so that delivery order is arrival order.
-        let queue = match &live {
-            None => session.offline_policy() == OfflinePolicy::Queue,
-            Some(_) => session.queue.lock().expect("queue lock").backlog,
+        // backlog even when one is, so that delivery order is arrival order; always when the
+        // session answers at once.
+        let queue = match (&live, &respond) {
+            (_, RespondMode::Now { .. }) => true,
+            (None, _) => session.offline_policy() == OfflinePolicy::Queue,
+            (Some(_), _) => session.queue.lock().expect("queue lock").backlog,
         };
         if queue {
             let enqueuing = Enqueuing::begin(session.clone());
-            return enqueue(&relay, &parts, body, peer, session_id, target, enqueuing).await;
+            return enqueue(&relay, &session, &parts, body, peer, target, enqueuing).await;
         }
     }
     let Some(live) = live else {
@@ -98,6 +108,52 @@ pub(crate) async fn forward(
         );
         return response;
     };
+    let target = target.to_owned();
+    let exchange = pass(relay, session, live, parts, body, peer, target);
+    let RespondMode::Deadline { millis } = respond else {
+        return exchange.await;
+    };
+    // The real answer if it comes in time; otherwise 202 now, and the exchange carries on
+    // in the background (its response drained so that it is recorded).
+    let mut exchange = Box::pin(exchange);
+    let deadline = std::time::Duration::from_millis(millis);
+    tokio::select! {
+        response = &mut exchange => response,
+        _ = tokio::time::sleep(deadline) => {
+            tokio::spawn(async move {
+                let mut body = exchange.await.into_body();
+                while let Some(frame) = body.frame().await {
+                    if frame.is_err() {
+                        break;
+                    }
+                }
+            });
+            reply::json(
+                StatusCode::ACCEPTED,
+                serde_json::json!({
+                    "accepted": true,
+                    "detail": format!(
+                        "the local app did not answer within the session's deadline ({}s); the request carries on to it and its result is recorded in history",
+                        deadline.as_secs_f64()
+                    ),
+                }),
+            )
+        }
+    }
+}
+
+/// Carries one exchange through the session's live tunnel and relays the app's answer.
+async fn pass(
+    relay: Arc<Relay>,
+    session: Arc<Session>,
+    live: Live,
+    parts: http::request::Parts,
+    body: Incoming,
+    peer: SocketAddr,
+    target: String,
+) -> Response<RelayBody> {
+    let session_id = session.id.as_str();
+    let target = target.as_str();
     let max_body = relay.config.max_body;
     if let Some(length) = parts
         .headers
@@ -131,7 +187,7 @@ pub(crate) async fn forward(
             // still be queued.
             if relay.config.store.is_some() && session.offline_policy() == OfflinePolicy::Queue {
                 let enqueuing = Enqueuing::begin(session.clone());
-                return enqueue(&relay, &parts, body, peer, session_id, target, enqueuing).await;
+                return enqueue(&relay, &session, &parts, body, peer, target, enqueuing).await;
             }
             return disconnected(session_id, &err.to_string());
         }
@@ -280,14 +336,15 @@ pub(crate) async fn forward(
 
 /// Records the request durably as queued and answers `202` with its id.
 async fn enqueue(
-    relay: &Relay,
+    relay: &Arc<Relay>,
+    session: &Arc<Session>,
     parts: &http::request::Parts,
     body: Incoming,
     peer: SocketAddr,
-    session_id: &str,
     target: &str,
     enqueuing: Enqueuing,
 ) -> Response<RelayBody> {
+    let session_id = session.id.as_str();
     let max_body = relay.config.max_body;
     if let Some(length) = parts
         .headers
@@ -340,10 +397,10 @@ async fn enqueue(
     let recorded = store.record_request(request).await;
     drop(enqueuing);
     match recorded {
-        Ok(id) => reply::json(
-            StatusCode::ACCEPTED,
-            serde_json::json!({"queued": true, "id": id.to_string()}),
-        ),
+        Ok(id) => {
+            crate::delivery::nudge(relay, session);
+            queued_answer(&session.respond_mode(), &id.to_string())
+        }
         Err(err) => {
             warn!(session = %session_id, %err, "cannot queue a request");
             let mut response = reply::error(
@@ -358,6 +415,40 @@ async fn enqueue(
             response
         }
     }
+}
+
+/// The answer to a caller whose request was queued: `202 {"queued":true,"id":...}`, or the
+/// status and body the session set with `--respond-now`.
+fn queued_answer(respond: &RespondMode, id: &str) -> Response<RelayBody> {
+    let (status, body) = match respond {
+        RespondMode::Now { status, body } => (*status, body.clone()),
+        _ => (None, None),
+    };
+    let status = status
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::ACCEPTED);
+    let mut response = match body {
+        None => reply::json(status, serde_json::json!({"queued": true, "id": id})),
+        Some(body) => {
+            let json = serde_json::from_slice::<serde_json::Value>(&body).is_ok();
+            let mut response = Response::new(reply::full(body));
+            *response.status_mut() = status;
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(if json {
+                    "application/json"
+                } else {
+                    "text/plain; charset=utf-8"
+                }),
+            );
+            response
+        }
+    };
+    response.headers_mut().insert(
+        HeaderName::from_static(QUEUED_ID_HEADER),
+        HeaderValue::from_str(id).expect("ids are ASCII"),
+    );
+    response
 }
 
 /// Records a failed pass-through exchange.

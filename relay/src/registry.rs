@@ -11,7 +11,7 @@ use rand::RngCore;
 use subtle::ConstantTimeEq;
 
 use crate::auth::{sha256, TokenId};
-use crate::store::{OfflinePolicy, SessionKind, SessionRecord};
+use crate::store::{OfflinePolicy, RespondMode, SessionKind, SessionRecord};
 
 /// A session's id: a claimed name, or 128 random bits in URL-safe base64.
 pub type SessionId = String;
@@ -47,6 +47,7 @@ pub struct Session {
     /// Named or random.
     pub kind: SessionKind,
     offline: Mutex<OfflinePolicy>,
+    respond: Mutex<RespondMode>,
     created_at: i64,
     /// Offline queue bookkeeping (see `delivery`).
     pub(crate) queue: Mutex<QueueState>,
@@ -65,6 +66,8 @@ pub(crate) struct QueueState {
     pub(crate) writing: usize,
     /// Requests queued so far (wrapping), to notice one that arrived during a check.
     pub(crate) written: u64,
+    /// Delivery tasks started and not finished (waiting for their turn or draining).
+    pub(crate) draining: usize,
 }
 
 impl Session {
@@ -83,6 +86,7 @@ impl Session {
             live: Mutex::new(None),
             kind,
             offline: Mutex::new(OfflinePolicy::Queue),
+            respond: Mutex::new(RespondMode::Pass),
             created_at,
             queue: Mutex::new(QueueState::default()),
             queued: tokio::sync::Notify::new(),
@@ -105,6 +109,16 @@ impl Session {
         *self.offline.lock().expect("session lock") = policy;
     }
 
+    /// How callers are answered (`pass`, at once, or at a deadline).
+    pub fn respond_mode(&self) -> RespondMode {
+        self.respond.lock().expect("session lock").clone()
+    }
+
+    /// Sets how callers are answered (from the client's hello).
+    pub fn set_respond_mode(&self, mode: RespondMode) {
+        *self.respond.lock().expect("session lock") = mode;
+    }
+
     /// The session as the store keeps it.
     pub fn record(&self, now_ms: i64) -> SessionRecord {
         SessionRecord {
@@ -113,7 +127,7 @@ impl Session {
             resume_digest: *self.resume_digest.lock().expect("session lock"),
             kind: self.kind,
             offline: self.offline_policy(),
-            respond: Default::default(),
+            respond: self.respond_mode(),
             created_at: self.created_at,
             last_seen_at: now_ms,
         }
@@ -192,6 +206,7 @@ impl Registry {
                 record.created_at,
             );
             session.set_offline_policy(record.offline);
+            session.set_respond_mode(record.respond);
             self.sessions.insert(record.id, Arc::new(session));
         }
     }

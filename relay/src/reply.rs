@@ -36,3 +36,8 @@ pub(crate) fn json(status: StatusCode, value: serde_json::Value) -> Response<Rel
 pub(crate) fn empty() -> RelayBody {
     Either::Left(Full::new(Bytes::new()))
 }
+
+/// A small buffered body.
+pub(crate) fn full(bytes: Bytes) -> RelayBody {
+    Either::Left(Full::new(bytes))
+}

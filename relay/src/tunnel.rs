@@ -3,9 +3,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use ferry_mux::{ControlHandler, Mux, MuxConfig, MuxHandle};
 use ferry_protocol::{
-    validate_session_name, Control, ErrorCode, PROTOCOL_VERSION, SUBPROTOCOL, SUBPROTOCOL_PREFIX,
+    validate_session_name, Control, ErrorCode, RespondPolicy, PROTOCOL_VERSION, SUBPROTOCOL,
+    SUBPROTOCOL_PREFIX,
 };
 use futures_util::{SinkExt, StreamExt};
 use http::{header, HeaderValue, Request, Response, StatusCode};
@@ -19,7 +21,7 @@ use tracing::{info, warn, Instrument};
 
 use crate::registry::{Claim, ClaimError};
 use crate::reply::{self, RelayBody};
-use crate::store::{now_ms, OfflinePolicy};
+use crate::store::{now_ms, OfflinePolicy, RespondMode};
 use crate::Relay;
 
 /// How long a client has to send its hello after the upgrade.
@@ -174,12 +176,13 @@ where
             return;
         }
     };
-    let (name, resume, offline) = match hello {
+    let (name, resume, offline, respond) = match hello {
         Ok(Control::Hello {
             version,
             name,
             resume,
             offline,
+            respond,
             ..
         }) => {
             if version != PROTOCOL_VERSION {
@@ -189,7 +192,19 @@ where
                 refuse(&mut ws, ErrorCode::ProtocolError, &message).await;
                 return;
             }
-            (name, resume, offline)
+            if let Some(RespondPolicy::Now {
+                status: Some(status),
+                ..
+            }) = &respond
+            {
+                if !(200..=599).contains(status) {
+                    let message =
+                        format!("--respond-status {status} is not a final status (200-599)");
+                    refuse(&mut ws, ErrorCode::ProtocolError, &message).await;
+                    return;
+                }
+            }
+            (name, resume, offline, respond)
         }
         Ok(_) | Err(_) => {
             refuse(
@@ -246,6 +261,14 @@ where
     session.set_offline_policy(match offline.unwrap_or_default() {
         ferry_protocol::OfflinePolicy::Reject => OfflinePolicy::Reject,
         ferry_protocol::OfflinePolicy::Queue => OfflinePolicy::Queue,
+    });
+    session.set_respond_mode(match respond.unwrap_or_default() {
+        RespondPolicy::Pass => RespondMode::Pass,
+        RespondPolicy::Now { status, body } => RespondMode::Now {
+            status,
+            body: body.map(Bytes::from),
+        },
+        RespondPolicy::Deadline { millis } => RespondMode::Deadline { millis },
     });
     if let Some(store) = &relay.config.store {
         // The session (and its resume secret's digest) is on disk before the client learns

@@ -143,6 +143,7 @@ async fn open(
         name: None,
         resume: None,
         offline: None,
+        respond: None,
     };
     ws.send(Message::text(hello.encode())).await?;
     let welcome = tokio::time::timeout(Duration::from_secs(30), async {
