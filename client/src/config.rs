@@ -110,9 +110,10 @@ pub struct ListenArgs {
     #[arg(long)]
     pub name: Option<String>,
 
-    /// How long the local app may take to answer before the caller gets 504.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    pub timeout: Duration,
+    /// How long the local app may take to answer before the caller gets 504 [default: 30s;
+    /// 15m with --respond-now, to leave time at a breakpoint].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
 
     /// Declare the tunnel dead when nothing arrives for this long, then reconnect.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
@@ -161,7 +162,21 @@ fn parse_deadline(text: &str) -> Result<Duration, String> {
     Ok(deadline)
 }
 
+/// The app's time to answer when `--timeout` is not given.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// ... and with `--respond-now`, where nobody waits on the answer but a user at a breakpoint.
+const RESPOND_NOW_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
 impl ListenArgs {
+    /// How long the local app may take to answer.
+    pub fn app_timeout(&self) -> Duration {
+        self.timeout.unwrap_or(if self.respond_now {
+            RESPOND_NOW_TIMEOUT
+        } else {
+            DEFAULT_TIMEOUT
+        })
+    }
+
     /// The answer mode these options ask for; `None` is the relay's default (`pass`).
     pub fn respond_policy(&self) -> Option<ferry_protocol::RespondPolicy> {
         if self.respond_now {

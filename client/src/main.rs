@@ -51,8 +51,8 @@ async fn main_async(cli: Cli) -> Result<(), String> {
     ferry_client::connect_url(&args.relay).map_err(|e| format!("invalid --relay: {e}"))?;
     let mut config = ClientConfig::new(&args.relay, &args.token, target);
     config.respond = args.respond_policy();
+    config.timeout = args.app_timeout();
     config.name = args.name;
-    config.timeout = args.timeout;
     config.heartbeat_timeout = args.heartbeat_timeout;
     config.offline = Some(args.offline.into());
     config.state_dir = Some(

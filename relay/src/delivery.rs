@@ -23,7 +23,7 @@ use http_body_util::BodyExt as _;
 use tracing::{debug, info, warn};
 
 use crate::registry::{Live, Session};
-use crate::store::{now_ms, Outcome, QueuedRequest, RequestState, Response, Store};
+use crate::store::{now_ms, Outcome, QueuedRequest, RequestState, RespondMode, Response, Store};
 use crate::Relay;
 
 /// Queued requests fetched from the store at a time.
@@ -168,7 +168,7 @@ async fn drain(relay: &Relay, store: &Store, session: &Arc<Session>, live: &Live
         }
         for item in batch {
             loop {
-                match deliver(relay, store, live, &item).await {
+                match deliver(relay, store, live, &item, delivery_timeout(relay, session)).await {
                     Step::Next => break,
                     Step::Stop => return false,
                     Step::RetryAt(at) => {
@@ -192,6 +192,18 @@ async fn wait(live: &Live, what: impl std::future::Future) -> bool {
     }
 }
 
+/// How long a `--respond-now` session's app may take over a delivery: its caller already has
+/// an answer, and the user may be holding a breakpoint in the handler.
+pub(crate) const RESPOND_NOW_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+/// How long the app may take over one delivery of `session`'s queue.
+fn delivery_timeout(relay: &Relay, session: &Session) -> Duration {
+    match session.respond_mode() {
+        RespondMode::Now { .. } => relay.config.timeout.max(RESPOND_NOW_TIMEOUT),
+        _ => relay.config.timeout,
+    }
+}
+
 /// The wait before the attempt after attempt `attempt` failed.
 fn backoff(relay: &Relay, attempt: u32) -> Duration {
     let factor = 1u32
@@ -206,7 +218,13 @@ fn backoff(relay: &Relay, attempt: u32) -> Duration {
 }
 
 /// One delivery attempt of `item`, recorded in the store.
-async fn deliver(relay: &Relay, store: &Store, live: &Live, item: &QueuedRequest) -> Step {
+async fn deliver(
+    relay: &Relay,
+    store: &Store,
+    live: &Live,
+    item: &QueuedRequest,
+    timeout: Duration,
+) -> Step {
     let attempt = match store.start_attempt(item.id).await {
         Ok(attempt) => attempt,
         Err(err) => {
@@ -215,7 +233,7 @@ async fn deliver(relay: &Relay, store: &Store, live: &Live, item: &QueuedRequest
         }
     };
     let started = Instant::now();
-    let result = exchange(relay, live, item, attempt).await;
+    let result = exchange(relay, live, item, attempt, timeout).await;
     let last = attempt >= relay.config.max_attempts;
     let retry_at = |gone: bool| {
         (!last).then(|| {
@@ -307,6 +325,7 @@ async fn exchange(
     live: &Live,
     item: &QueuedRequest,
     attempt: u32,
+    timeout: Duration,
 ) -> Result<Response, Failure> {
     let stream_id = live
         .next_stream_id()
@@ -342,7 +361,6 @@ async fn exchange(
         .send_control(Control::RequestHead(head))
         .await
         .map_err(|err| Failure::gone(err.to_string()))?;
-    let timeout = relay.config.timeout;
     let exchange = async {
         let send = async {
             if has_body {
