@@ -70,6 +70,7 @@ fn start_relay() -> Relay {
                 status,
                 headers: [("content-type", "text/plain")].into_iter().collect(),
                 body: Bytes::from_static(b"app says hi"),
+                body_len: 11,
                 duration: Duration::from_millis(7),
             };
             let outcome = if status < 500 {

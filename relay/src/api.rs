@@ -31,7 +31,6 @@ use base64::Engine as _;
 use bytes::Bytes;
 use ferry_protocol::{Control, Delivery, HeaderList, HttpVersion, RequestHead};
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 
@@ -458,20 +457,18 @@ async fn exchange(
             Ok(Control::ResponseHead(head)) => head,
             _ => return Err(format!("no response: {}", guard.cancel_reason())),
         };
-        let body = if head.has_body {
-            body.with_guard(guard)
-                .collect()
-                .await
-                .map_err(|err| format!("response body failed: {}", err.0))?
-                .to_bytes()
+        let (body, body_len) = if head.has_body {
+            crate::delivery::read_capped(body.with_guard(guard), relay.config.record_max_body)
+                .await?
         } else {
             guard.finish();
-            Bytes::new()
+            (Bytes::new(), 0)
         };
         Ok(store::Response {
             status: head.status,
             headers: head.headers,
             body,
+            body_len,
             duration: Duration::ZERO,
         })
     };

@@ -379,35 +379,25 @@ async fn exchange(
             }
         };
         let body = if head.has_body {
-            // Read to the end (the app's answer is complete only then), keeping no more than
-            // the record limit.
-            let mut body = body.with_guard(guard);
-            let mut kept = bytes::BytesMut::new();
-            while let Some(frame) = body.frame().await {
-                match frame {
-                    Ok(frame) => {
-                        if let Some(data) = frame.data_ref() {
-                            let room = relay.config.record_max_body.saturating_sub(kept.len());
-                            kept.extend_from_slice(&data[..data.len().min(room)]);
-                        }
-                    }
-                    Err(err) => {
-                        return Err(Failure {
-                            gone: live.mux.is_closed(),
-                            error: format!("response body failed: {}", err.0),
-                        })
-                    }
+            match read_capped(body.with_guard(guard), relay.config.record_max_body).await {
+                Ok(read) => read,
+                Err(error) => {
+                    return Err(Failure {
+                        gone: live.mux.is_closed(),
+                        error,
+                    })
                 }
             }
-            kept.freeze()
         } else {
             guard.finish();
-            Bytes::new()
+            (Bytes::new(), 0)
         };
+        let (body, body_len) = body;
         Ok(Response {
             status: head.status,
             headers: head.headers,
             body,
+            body_len,
             duration: Duration::ZERO,
         })
     };
@@ -421,4 +411,23 @@ async fn exchange(
             gone: live.mux.is_closed(),
         }),
     }
+}
+
+/// Reads the app's response `body` to its end (the answer is complete only then), keeping its
+/// first `limit` bytes; returns them and the body's full length.
+pub(crate) async fn read_capped(
+    mut body: ferry_mux::TunnelBody,
+    limit: usize,
+) -> Result<(Bytes, u64), String> {
+    let mut kept = bytes::BytesMut::new();
+    let mut len = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|err| format!("response body failed: {}", err.0))?;
+        if let Some(data) = frame.data_ref() {
+            len += data.len() as u64;
+            let room = limit.saturating_sub(kept.len());
+            kept.extend_from_slice(&data[..data.len().min(room)]);
+        }
+    }
+    Ok((kept.freeze(), len))
 }

@@ -3,7 +3,6 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use ferry_mux::{MuxError, PumpError};
 use ferry_protocol::{Control, HttpVersion, RequestHead};
 use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
@@ -324,7 +323,7 @@ async fn pass(
     } else {
         guard.finish();
         if let Some(exchange) = exchange {
-            exchange.answered(head.status, head.headers, Bytes::new());
+            exchange.answered(head.status, head.headers);
         }
         reply::empty()
     };

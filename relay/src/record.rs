@@ -3,6 +3,7 @@
 //! once the exchange is over, so recording never delays an answer.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -16,28 +17,93 @@ use tracing::{debug, warn};
 
 use crate::store::{NewRequest, Outcome, RequestState, Response, Store};
 
-/// A copy of a body's first `limit` bytes.
-#[derive(Debug)]
+/// Body bytes held for history at once, over all exchanges: copied and not yet written. Beyond
+/// it, bodies are kept only in part (their records say so), so history never costs the relay
+/// more than this much memory, however large or many the bodies passing through.
+pub(crate) const HISTORY_BUFFER: usize = 16 * 1024 * 1024;
+
+/// What is left of [`HISTORY_BUFFER`].
+#[derive(Clone)]
+pub(crate) struct Budget(Arc<AtomicUsize>);
+
+impl Budget {
+    fn new(bytes: usize) -> Self {
+        Budget(Arc::new(AtomicUsize::new(bytes)))
+    }
+
+    /// Takes up to `want` bytes; returns how many were granted.
+    fn take(&self, want: usize) -> usize {
+        let mut granted = 0;
+        let _ = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                granted = want.min(left);
+                Some(left - granted)
+            });
+        granted
+    }
+}
+
+/// Bytes taken from the [`Budget`]; given back when dropped (once they are written).
+pub(crate) struct Held {
+    budget: Budget,
+    bytes: usize,
+}
+
+impl Held {
+    fn merge(mut self, mut other: Held) -> Held {
+        self.bytes += std::mem::take(&mut other.bytes);
+        self
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.budget.0.fetch_add(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// A copy of a body's first `limit` bytes (fewer when the [`Budget`] runs out), and its full
+/// length.
 pub(crate) struct Capture {
     buf: BytesMut,
     limit: usize,
+    len: u64,
+    /// Out of budget: nothing more is kept, so the copy stays a prefix.
+    starved: bool,
+    held: Held,
 }
 
 impl Capture {
-    pub(crate) fn new(limit: usize) -> Self {
+    pub(crate) fn new(limit: usize, budget: Budget) -> Self {
         Capture {
             buf: BytesMut::new(),
             limit,
+            len: 0,
+            starved: false,
+            held: Held { budget, bytes: 0 },
         }
     }
 
     fn push(&mut self, bytes: &[u8]) {
-        let room = self.limit.saturating_sub(self.buf.len());
-        self.buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        self.len += bytes.len() as u64;
+        if self.starved {
+            return;
+        }
+        let want = bytes.len().min(self.limit.saturating_sub(self.buf.len()));
+        let granted = self.held.budget.take(want);
+        self.held.bytes += granted;
+        self.starved = granted < want;
+        self.buf.extend_from_slice(&bytes[..granted]);
     }
 
-    fn take(&mut self) -> Bytes {
-        std::mem::take(&mut self.buf).freeze()
+    /// The kept bytes, the full length, and the budget they hold.
+    fn take(&mut self) -> (Bytes, u64, Held) {
+        let held = Held {
+            budget: self.held.budget.clone(),
+            bytes: std::mem::take(&mut self.held.bytes),
+        };
+        (std::mem::take(&mut self.buf).freeze(), self.len, held)
     }
 }
 
@@ -96,18 +162,24 @@ const GATHER: std::time::Duration = std::time::Duration::from_millis(50);
 /// Hands finished exchanges to a background task that writes them to the store in batches.
 #[derive(Clone)]
 pub(crate) struct Recorder {
-    tx: mpsc::Sender<(NewRequest, Outcome)>,
+    tx: mpsc::Sender<(NewRequest, Outcome, Held)>,
+    budget: Budget,
 }
 
 impl Recorder {
     /// Starts the writing task for `store`; it ends when every [`Recorder`] clone is gone.
     pub(crate) fn start(store: Store) -> Recorder {
-        let (tx, mut rx) = mpsc::channel::<(NewRequest, Outcome)>(MAX_PENDING);
+        let (tx, mut rx) = mpsc::channel::<(NewRequest, Outcome, Held)>(MAX_PENDING);
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(MAX_BATCH);
             while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-                let exchanges = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH));
-                match store.record_exchanges(exchanges).await {
+                let (exchanges, held): (Vec<_>, Vec<_>) = batch
+                    .drain(..)
+                    .map(|(request, outcome, held)| ((request, outcome), held))
+                    .unzip();
+                let result = store.record_exchanges(exchanges).await;
+                drop(held); // written (or given up on): the bodies' budget is free again
+                match result {
                     Ok(results) => {
                         for err in results.into_iter().filter_map(Result::err) {
                             debug!(%err, "cannot record a passed-through request");
@@ -120,7 +192,10 @@ impl Recorder {
                 tokio::time::sleep(GATHER).await;
             }
         });
-        Recorder { tx }
+        Recorder {
+            tx,
+            budget: Budget::new(HISTORY_BUFFER),
+        }
     }
 }
 
@@ -153,34 +228,44 @@ impl Exchange {
             method: method.to_owned(),
             target: target.to_owned(),
             headers: HeaderList::new(),
-            request_body: Arc::new(Mutex::new(Capture::new(limit))),
+            request_body: Arc::new(Mutex::new(Capture::new(limit, recorder.budget.clone()))),
             started: Instant::now(),
             limit,
         }
     }
 
-    /// The app answered: record the response.
-    pub(crate) fn answered(self, status: u16, headers: HeaderList, body: Bytes) {
+    /// The app answered with an empty body: record the response.
+    pub(crate) fn answered(self, status: u16, headers: HeaderList) {
+        let budget = self.recorder.budget.clone();
+        self.answered_with(status, headers, Capture::new(0, budget));
+    }
+
+    fn answered_with(self, status: u16, headers: HeaderList, mut capture: Capture) {
+        let (body, body_len, held) = capture.take();
         let response = Response {
             status,
             headers,
             body,
+            body_len,
             duration: self.started.elapsed(),
         };
-        self.write(Outcome::Delivered(response));
+        self.write(Outcome::Delivered(response), Some(held));
     }
 
     /// The exchange failed: record why.
     pub(crate) fn failed(self, error: &str) {
-        self.write(Outcome::Error {
-            error: error.to_owned(),
-            retry_at: None,
-        });
+        self.write(
+            Outcome::Error {
+                error: error.to_owned(),
+                retry_at: None,
+            },
+            None,
+        );
     }
 
     /// A tap for the response body that records the exchange when the body ends.
     pub(crate) fn response_tap(self, status: u16, headers: HeaderList) -> Box<dyn BodyTap> {
-        let capture = Capture::new(self.limit);
+        let capture = Capture::new(self.limit, self.recorder.budget.clone());
         Box::new(ResponseTap {
             exchange: self,
             status,
@@ -189,9 +274,12 @@ impl Exchange {
         })
     }
 
-    fn write(self, outcome: Outcome) {
-        let body = self.request_body.lock().expect("capture lock").take();
-        let request = NewRequest::new(
+    fn write(self, outcome: Outcome, response_held: Option<Held>) {
+        let (body, body_len, mut held) = self.request_body.lock().expect("capture lock").take();
+        if let Some(response_held) = response_held {
+            held = held.merge(response_held);
+        }
+        let mut request = NewRequest::new(
             self.session_id,
             self.received_at,
             self.method,
@@ -200,7 +288,8 @@ impl Exchange {
             body,
             RequestState::Delivering,
         );
-        if self.recorder.tx.try_send((request, outcome)).is_err() {
+        request.body_len = body_len;
+        if self.recorder.tx.try_send((request, outcome, held)).is_err() {
             debug!("history writer is behind; a passed-through request is not recorded");
         }
     }
@@ -223,14 +312,54 @@ impl BodyTap for ResponseTap {
             exchange,
             status,
             headers,
-            mut capture,
+            capture,
         } = *self;
         if complete {
-            exchange.answered(status, headers, capture.take());
+            exchange.answered_with(status, headers, capture);
         } else {
             exchange.failed(&format!(
                 "the response (status {status}) broke off before its end"
             ));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_capture_keeps_a_prefix_within_its_limit_and_counts_the_whole_body() {
+        let budget = Budget::new(1000);
+        let mut capture = Capture::new(10, budget.clone());
+        capture.push(b"0123456");
+        capture.push(b"789abcdef");
+        let (kept, len, held) = capture.take();
+        assert_eq!(&kept[..], b"0123456789");
+        assert_eq!(len, 16);
+        assert_eq!(budget.0.load(Ordering::Acquire), 990);
+        drop(held);
+        assert_eq!(
+            budget.0.load(Ordering::Acquire),
+            1000,
+            "given back once written"
+        );
+    }
+
+    #[test]
+    fn the_shared_budget_bounds_what_all_captures_hold() {
+        let budget = Budget::new(8);
+        let mut first = Capture::new(100, budget.clone());
+        let mut second = Capture::new(100, budget.clone());
+        first.push(b"abcdef");
+        second.push(b"ghijkl");
+        // Out of budget: the second keeps a prefix and nothing after it, even once the
+        // budget is back.
+        let (kept, len, held) = first.take();
+        assert_eq!((&kept[..], len), (&b"abcdef"[..], 6));
+        drop(held);
+        second.push(b"mn");
+        let (kept, len, _held) = second.take();
+        assert_eq!((&kept[..], len), (&b"gh"[..], 8));
     }
 }

@@ -49,10 +49,12 @@ async fn record(
     );
     let id = store.record_request(request).await.unwrap();
     let attempt = store.start_attempt(id).await.unwrap();
+    let body = Bytes::from(format!("answer {status}"));
     let response = Response {
         status,
         headers: [("content-type", "text/plain")].into_iter().collect(),
-        body: Bytes::from(format!("answer {status}")),
+        body_len: body.len() as u64,
+        body,
         duration: std::time::Duration::from_millis(12),
     };
     let outcome = if status < 500 {

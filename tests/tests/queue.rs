@@ -290,3 +290,52 @@ async fn requests_passed_straight_through_are_recorded_with_their_response() {
     assert_eq!(&response.body[..], b"made");
     relay.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_body_over_the_record_limit_is_recorded_in_part_with_its_full_length() {
+    let dir = TempDir::new().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default())
+        .await
+        .unwrap();
+    let relay = ferry_tests::TestRelay::start_with({
+        let store = store.clone();
+        move |config| {
+            config.store = Some(store);
+            config.record_max_body = 16;
+        }
+    })
+    .await;
+    let origin = Origin::start(Behaviour::Echo).await;
+    let client = TestClient::start(named_client(&relay.url(), &origin, "bigbody")).await;
+    let body = "x".repeat(100);
+    let (status, _, echoed) = send(
+        Method::POST,
+        &format!("{}/big", client.url),
+        &[],
+        body.clone(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(echoed.len(), 100, "the caller gets all of it");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let summary = loop {
+        let page = store
+            .list("bigbody", &Default::default(), Default::default())
+            .await
+            .unwrap();
+        if let Some(summary) = page.requests.into_iter().next() {
+            break summary;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not recorded");
+        tokio::time::sleep(Duration::from_millis(10)).await; // polling the store
+    };
+    assert_eq!(summary.body_len, 100);
+    assert!(summary.body_truncated);
+    let record = store.get(summary.id).await.unwrap().unwrap();
+    assert_eq!(record.body.len(), 16);
+    let response = record.response.expect("response");
+    assert_eq!(response.body.len(), 16);
+    assert_eq!(response.body_len, 100);
+    assert!(response.body_truncated);
+    relay.shutdown().await.unwrap();
+}

@@ -15,6 +15,8 @@ pub(crate) struct Insert {
     pub(crate) target: String,
     pub(crate) headers: Vec<u8>,
     pub(crate) body: bytes::Bytes,
+    /// The body's full length (`body` may hold only its first bytes).
+    pub(crate) body_len: u64,
     pub(crate) provider: Option<(String, String)>,
     pub(crate) state: RequestState,
 }
@@ -24,6 +26,8 @@ pub(crate) struct EncodedResponse {
     pub(crate) status: u16,
     pub(crate) headers: Vec<u8>,
     pub(crate) body: bytes::Bytes,
+    /// The body's full length (`body` may hold only its first bytes).
+    pub(crate) body_len: u64,
     pub(crate) duration_ms: u64,
 }
 
@@ -32,6 +36,7 @@ impl EncodedResponse {
         EncodedResponse {
             status: response.status,
             headers: super::codec::encode_headers(&response.headers),
+            body_len: response.body_len.max(response.body.len() as u64),
             body: response.body,
             duration_ms: u64::try_from(response.duration.as_millis()).unwrap_or(u64::MAX),
         }
@@ -168,8 +173,8 @@ pub(crate) fn record_request(
         provider_id,
         duplicate_of,
         req.state,
-        to_i64(req.body.len()),
-        keep < req.body.len(),
+        req.body_len.max(req.body.len() as u64),
+        (keep as u64) < req.body_len.max(req.body.len() as u64),
         to_i64(req.headers.len() + keep),
         req.headers,
         body,
@@ -236,8 +241,8 @@ fn set_response(
         i64::try_from(response.duration_ms).unwrap_or(i64::MAX),
         response.headers,
         &response.body[..keep],
-        to_i64(response.body.len()),
-        keep < response.body.len(),
+        response.body_len,
+        (keep as u64) < response.body_len,
         to_i64(response.headers.len() + keep),
     ])?;
     Ok(())
@@ -455,6 +460,13 @@ pub(crate) fn stored_bytes(conn: &Connection) -> Result<u64> {
         .query_row([], |row| row.get(0))?)
 }
 
+/// Whether session `id` is stored.
+pub(crate) fn session_exists(conn: &Connection, id: &str) -> Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM sessions WHERE id = ?1")?
+        .exists([id])?)
+}
+
 /// Records a request that was passed straight through, with how its exchange ended, as one
 /// finished delivery attempt: one row in `requests` (response included) and one in `attempts`,
 /// written once rather than inserted and then updated three times.
@@ -465,12 +477,7 @@ pub(crate) fn record_exchange(
     outcome: &EncodedOutcome,
     now: i64,
 ) -> Result<RequestId> {
-    let known = conn
-        .prepare_cached("SELECT 1 FROM sessions WHERE id = ?1")?
-        .exists([&req.session_id])?;
-    if !known {
-        return Err(StoreError::UnknownSession(req.session_id));
-    }
+    // The caller has checked that the session exists.
     let id = ctx.ids.next_id();
     let duplicate_of: Option<RequestId> = match &req.provider {
         Some((_, provider_id)) => conn
@@ -518,8 +525,8 @@ pub(crate) fn record_exchange(
         provider_id,
         duplicate_of,
         state,
-        to_i64(req.body.len()),
-        keep < req.body.len(),
+        req.body_len.max(req.body.len() as u64),
+        (keep as u64) < req.body_len.max(req.body.len() as u64),
         to_i64(stored),
         req.headers,
         body,
@@ -528,8 +535,8 @@ pub(crate) fn record_exchange(
         response.map(|r| i64::try_from(r.duration_ms).unwrap_or(i64::MAX)),
         response.map(|r| r.headers.as_slice()),
         response.map(|r| &r.body[..response_keep]),
-        response.map(|r| to_i64(r.body.len())),
-        response.map(|r| response_keep < r.body.len()),
+        response.map(|r| r.body_len.max(r.body.len() as u64)),
+        response.map(|r| (response_keep as u64) < r.body_len.max(r.body.len() as u64)),
     ])?;
     let started = response.map_or(now, |r| {
         now.saturating_sub(i64::try_from(r.duration_ms).unwrap_or(0))

@@ -125,6 +125,9 @@ pub struct NewRequest {
     /// The whole body. A request recorded as [`RequestState::Queued`] keeps all of it, since
     /// it must be delivered later; otherwise it is cut at `StoreOptions::record_max_body`.
     pub body: Bytes,
+    /// The body's full length: more than `body.len()` when only its first bytes were kept
+    /// (history of a large body passed straight through). [`NewRequest::new`] sets `body.len()`.
+    pub body_len: u64,
     /// The provider's delivery id, if any; [`NewRequest::new`] extracts it.
     pub provider: Option<ProviderId>,
     /// The state to record it in: usually `Queued` (client offline) or `Delivering`.
@@ -148,6 +151,7 @@ impl NewRequest {
             received_at,
             method: method.into(),
             target: target.into(),
+            body_len: body.len() as u64,
             headers,
             body,
             provider,
@@ -165,6 +169,8 @@ pub struct Response {
     pub headers: HeaderList,
     /// The response body (stored up to `StoreOptions::record_max_body`).
     pub body: Bytes,
+    /// The body's full length: more than `body.len()` when only its first bytes were kept.
+    pub body_len: u64,
     /// How long the exchange took.
     pub duration: Duration,
 }

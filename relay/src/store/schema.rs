@@ -162,6 +162,9 @@ fn setup_writer(conn: &Connection, path: &Path, busy_timeout: Duration, check: b
     }
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", true)?;
+    // Savepoints (one per command in a group commit) journal the pages they touch: in memory,
+    // not in a temporary file written page by page.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     migrate(conn, path, version)?;
     Ok(())
 }

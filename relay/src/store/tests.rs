@@ -52,6 +52,7 @@ fn response(status: u16, body: &'static [u8]) -> Response {
             ("x-dup", b"2"),
         ]),
         body: Bytes::from_static(body),
+        body_len: body.len() as u64,
         duration: Duration::from_millis(12),
     }
 }
@@ -760,6 +761,7 @@ async fn large_bodies_are_cut_in_history_but_kept_in_the_queue() {
         .unwrap();
     let mut req = request("s1", "/big", RequestState::Queued);
     req.body = Bytes::from_static(b"0123456789abcdef");
+    req.body_len = 16;
     let queued = store.record_request(req.clone()).await.unwrap();
     req.state = RequestState::Delivering;
     let live = store.record_request(req).await.unwrap();
@@ -1102,6 +1104,70 @@ fn bench_durable_accepts() {
         println!(
             "single caller: {n} sequential durable accepts in 1 s ({:.2} ms per commit)",
             1000.0 / f64::from(n)
+        );
+    });
+}
+
+#[test]
+#[ignore = "benchmark; run explicitly"]
+fn bench_history_records() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+    std::fs::create_dir_all(&base).unwrap();
+    let tmp = tempfile::tempdir_in(base).unwrap();
+    runtime.block_on(async {
+        let store = open_with_one_session(tmp.path()).await;
+        let body = Bytes::from(vec![b'x'; 1024]);
+        let head = headers(&[
+            ("host", b"relay.example.com"),
+            ("user-agent", b"GitHub-Hookshot/abc123"),
+            ("content-type", b"application/json"),
+            ("x-github-event", b"push"),
+            ("x-github-delivery", b"72d3162e-cc78-11e3-81ab-4c9367dc0958"),
+            (
+                "x-hub-signature-256",
+                b"sha256=0123456789abcdef0123456789abcdef0123456789abcdef0123456789ab",
+            ),
+        ]);
+        let batches = 40;
+        let per_batch = 1000;
+        let start = Instant::now();
+        for _ in 0..batches {
+            let exchanges = (0..per_batch)
+                .map(|_| {
+                    let req = NewRequest::new(
+                        "s1",
+                        now_ms(),
+                        "POST",
+                        "/github",
+                        head.clone(),
+                        body.clone(),
+                        RequestState::Delivering,
+                    );
+                    let response = Response {
+                        status: 200,
+                        headers: headers(&[("content-type", b"text/plain")]),
+                        body: Bytes::from_static(b"ok"),
+                        body_len: 2,
+                        duration: Duration::from_millis(1),
+                    };
+                    (req, Outcome::Delivered(response))
+                })
+                .collect();
+            for result in store.record_exchanges(exchanges).await.unwrap() {
+                result.unwrap();
+            }
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        let n = f64::from(batches * per_batch);
+        println!(
+            "history: {n} exchanges in {elapsed:.2} s = {:.0}/s, {:.1} µs each (batches of {per_batch}, 1 KiB bodies)",
+            n / elapsed,
+            elapsed * 1e6 / n
         );
     });
 }
