@@ -319,7 +319,11 @@ where
             .live()
             .filter(|l| l.generation == granted.generation)
         {
-            crate::delivery::start(relay.clone(), session.clone(), live);
+            // Only a session with a backlog needs its queue read; a request queued from now
+            // on starts a delivery task itself (`delivery::nudge`).
+            if session.queue.lock().expect("queue lock").backlog {
+                crate::delivery::start(relay.clone(), session.clone(), live);
+            }
         }
     } else {
         mux.close_with_error(

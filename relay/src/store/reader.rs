@@ -14,12 +14,18 @@ use super::schema;
 /// Idle read connections kept for reuse.
 const MAX_IDLE: usize = 8;
 
+/// Reads running at once. More wait (asynchronously) for their turn instead of each taking a
+/// thread of the blocking pool and a connection of its own: thousands of clients reconnecting
+/// at once must not make the relay start hundreds of threads.
+const MAX_CONCURRENT: usize = 4;
+
 /// A small pool of read-only connections.
 #[derive(Debug)]
 pub(crate) struct Readers {
     path: PathBuf,
     busy_timeout: Duration,
     idle: Mutex<Vec<Connection>>,
+    turns: tokio::sync::Semaphore,
 }
 
 impl Readers {
@@ -28,6 +34,7 @@ impl Readers {
             path,
             busy_timeout,
             idle: Mutex::new(Vec::new()),
+            turns: tokio::sync::Semaphore::new(MAX_CONCURRENT),
         })
     }
 
@@ -37,6 +44,7 @@ impl Readers {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
+        let _turn = self.turns.acquire().await.map_err(|_| StoreError::Closed)?;
         let readers = self.clone();
         tokio::task::spawn_blocking(move || {
             let conn = readers.take()?;
