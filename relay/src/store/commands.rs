@@ -179,7 +179,16 @@ pub(crate) fn record_request(
         req.headers,
         body,
     ])?;
+    add_usage(conn, req.headers.len() + keep)?;
     Ok(id)
+}
+
+/// Adds `bytes` to the stored total (inserts do this themselves; updates and deletes keep it
+/// by trigger).
+pub(crate) fn add_usage(conn: &Connection, bytes: usize) -> Result<()> {
+    conn.prepare_cached("UPDATE usage SET stored_bytes = stored_bytes + ?1 WHERE id = 1")?
+        .execute([to_i64(bytes)])?;
+    Ok(())
 }
 
 /// Starts attempt `n + 1` of `id`: a delivery (the request becomes `delivering`) or a replay
@@ -198,8 +207,13 @@ pub(crate) fn start_attempt(
     if replay && truncated {
         return Err(StoreError::Incomplete(id.to_string()));
     }
+    // A passed-through request's attempt is not in `attempts` (see `record_exchange`) but
+    // counted in `requests.attempts`.
     let last: u32 = conn
-        .prepare_cached("SELECT COALESCE(MAX(attempt), 0) FROM attempts WHERE request_id = ?1")?
+        .prepare_cached(
+            "SELECT max(COALESCE((SELECT MAX(attempt) FROM attempts WHERE request_id = ?1), 0),
+                        (SELECT attempts FROM requests WHERE id = ?1))",
+        )?
         .query_row([id], |row| row.get(0))?;
     let number = last + 1;
     let (kind, replay_of) = if replay {
@@ -476,8 +490,9 @@ pub(crate) fn record_exchange(
     req: Insert,
     outcome: &EncodedOutcome,
     now: i64,
-) -> Result<RequestId> {
-    // The caller has checked that the session exists.
+) -> Result<(RequestId, usize)> {
+    // The caller has checked that the session exists, and adds the returned stored bytes to
+    // the usage total.
     let id = ctx.ids.next_id();
     let duplicate_of: Option<RequestId> = match &req.provider {
         Some((_, provider_id)) => conn
@@ -499,10 +514,10 @@ pub(crate) fn record_exchange(
         EncodedOutcome::Error { error, .. } => (None, Some(error.as_str())),
     };
     let delivered = matches!(outcome, EncodedOutcome::Delivered(_));
-    let (state, attempt_outcome) = if delivered {
-        (RequestState::Delivered, AttemptOutcome::Delivered)
+    let state = if delivered {
+        RequestState::Delivered
     } else {
-        (RequestState::Failed, AttemptOutcome::Failed)
+        RequestState::Failed
     };
     let response_keep = response.map_or(0, |r| r.body.len().min(ctx.record_max_body));
     let stored = req.headers.len() + keep + response.map_or(0, |r| r.headers.len()) + response_keep;
@@ -511,9 +526,9 @@ pub(crate) fn record_exchange(
                                duplicate_of, state, attempts, next_attempt_at, body_len,
                                body_truncated, stored_bytes, headers, body, status, delivered_at,
                                duration_ms, response_headers, response_body, response_body_len,
-                               response_body_truncated)
+                               response_body_truncated, error)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, ?3, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                 ?17, ?18, ?19, ?20, ?21)",
+                 ?17, ?18, ?19, ?20, ?21, ?22)",
     )?
     .execute(params![
         id,
@@ -537,22 +552,8 @@ pub(crate) fn record_exchange(
         response.map(|r| &r.body[..response_keep]),
         response.map(|r| r.body_len.max(r.body.len() as u64)),
         response.map(|r| (response_keep as u64) < r.body_len.max(r.body.len() as u64)),
+        error,
     ])?;
-    let started = response.map_or(now, |r| {
-        now.saturating_sub(i64::try_from(r.duration_ms).unwrap_or(0))
-    });
-    conn.prepare_cached(
-        "INSERT INTO attempts (request_id, attempt, kind, replay_of, started_at, finished_at,
-                               outcome, status, error)
-         VALUES (?1, 1, 'delivery', NULL, ?2, ?3, ?4, ?5, ?6)",
-    )?
-    .execute(params![
-        id,
-        started,
-        now,
-        attempt_outcome,
-        response.map(|r| r.status),
-        error
-    ])?;
-    Ok(id)
+    // Its one attempt is implied by the row (see `queries::get`), not written to `attempts`.
+    Ok((id, stored))
 }

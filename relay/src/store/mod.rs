@@ -335,7 +335,10 @@ impl Store {
                 if !commands::session_exists(conn, &insert.session_id)? {
                     return Err(StoreError::UnknownSession(insert.session_id));
                 }
-                commands::record_exchange(conn, ctx, insert, &outcome, now_ms())
+                let (id, stored) =
+                    commands::record_exchange(conn, ctx, insert, &outcome, now_ms())?;
+                commands::add_usage(conn, stored)?;
+                Ok(id)
             })
             .await
     }
@@ -375,6 +378,7 @@ impl Store {
                 let mut results = Vec::with_capacity(items.len());
                 // Sessions already seen to exist in this batch (most batches hold one).
                 let mut known: Vec<String> = Vec::new();
+                let mut total = 0;
                 for (insert, outcome) in items {
                     if !known.contains(&insert.session_id) {
                         if !commands::session_exists(conn, &insert.session_id)? {
@@ -387,10 +391,11 @@ impl Store {
                     // database itself (I/O, full disk): then the whole batch fails and is
                     // rolled back. (A savepoint per exchange would cost a sub-journal write
                     // of every page it touches: a third of the writer's time.)
-                    results.push(Ok(commands::record_exchange(
-                        conn, ctx, insert, &outcome, now,
-                    )?));
+                    let (id, stored) = commands::record_exchange(conn, ctx, insert, &outcome, now)?;
+                    total += stored;
+                    results.push(Ok(id));
                 }
+                commands::add_usage(conn, total)?;
                 Ok(results)
             })
             .await

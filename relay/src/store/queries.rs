@@ -6,8 +6,9 @@ use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 use super::error::Result;
 use super::ids::RequestId;
 use super::records::{
-    Attempt, ListFilter, ListPage, OfflinePolicy, Page, QueuedRequest, RequestRecord,
-    RequestSummary, RespondMode, SessionKind, SessionRecord, StatusFilter, StoredResponse,
+    Attempt, AttemptOutcome, ListFilter, ListPage, OfflinePolicy, Page, QueuedRequest,
+    RequestRecord, RequestState, RequestSummary, RespondMode, SessionKind, SessionRecord,
+    StatusFilter, StoredResponse,
 };
 use super::sql::{bad_column, bytes_at, headers_at, opt_headers_at, provider_at};
 
@@ -201,7 +202,7 @@ pub(crate) fn list(
 pub(crate) fn get(conn: &Connection, id: RequestId) -> Result<Option<RequestRecord>> {
     let sql = format!(
         "SELECT {SUMMARY}, response_body_len, response_body_truncated, headers, body,
-                response_headers, response_body
+                response_headers, response_body, error
          FROM requests WHERE id = ?1"
     );
     let n = SUMMARY_LEN;
@@ -219,16 +220,20 @@ pub(crate) fn get(conn: &Connection, id: RequestId) -> Result<Option<RequestReco
                 }),
                 _ => None,
             };
-            Ok(RequestRecord {
-                summary,
-                headers: headers_at(row, n + 2)?,
-                body: bytes_at(row, n + 3)?,
-                response,
-                attempt_log: Vec::new(),
-            })
+            let error: Option<String> = row.get(n + 6)?;
+            Ok((
+                RequestRecord {
+                    summary,
+                    headers: headers_at(row, n + 2)?,
+                    body: bytes_at(row, n + 3)?,
+                    response,
+                    attempt_log: Vec::new(),
+                },
+                error,
+            ))
         })
         .optional()?;
-    let Some(mut record) = record else {
+    let Some((mut record, error)) = record else {
         return Ok(None);
     };
     let mut stmt = conn.prepare_cached(
@@ -249,6 +254,42 @@ pub(crate) fn get(conn: &Connection, id: RequestId) -> Result<Option<RequestReco
             })
         })?
         .collect::<rusqlite::Result<_>>()?;
+    // A request passed straight through had one attempt, kept in its own row rather than in
+    // `attempts` (see `commands::record_exchange`): show it as attempt 1.
+    let first_logged = record.attempt_log.first().map(|a| a.number);
+    let summary = &record.summary;
+    if summary.attempts >= 1
+        && first_logged != Some(1)
+        && matches!(
+            summary.state,
+            RequestState::Delivered | RequestState::Failed
+        )
+    {
+        let replayed = !record.attempt_log.is_empty();
+        let finished_at = summary.delivered_at.or_else(|| {
+            summary
+                .duration_ms
+                .map(|d| summary.received_at + i64::try_from(d).unwrap_or(0))
+        });
+        record.attempt_log.insert(
+            0,
+            Attempt {
+                number: 1,
+                replay: false,
+                replay_of: None,
+                started_at: summary.received_at,
+                finished_at,
+                outcome: if summary.state == RequestState::Delivered {
+                    AttemptOutcome::Delivered
+                } else {
+                    AttemptOutcome::Failed
+                },
+                // After a replay the row holds the replay's response.
+                status: if replayed { None } else { summary.status },
+                error,
+            },
+        );
+    }
     Ok(Some(record))
 }
 

@@ -8,10 +8,20 @@ use rusqlite::{Connection, ErrorCode, OpenFlags};
 use super::error::{Result, StoreError};
 
 /// The schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Migrations: `MIGRATIONS[n]` takes the schema from version `n` to `n + 1`.
-const MIGRATIONS: [&str; 1] = [V1];
+const MIGRATIONS: [&str; 2] = [V1, V2];
+
+/// Version 2, lighter rows for history (passed-through requests are the bulk of all rows):
+/// - inserts add their bytes to `usage` themselves (once per batch of history) instead of
+///   through a trigger per row, which made every insert open a statement journal;
+/// - a passed-through request's single attempt lives in its row (`error` is new) rather than
+///   in `attempts`, which keeps deliveries of queued requests and replays;
+const V2: &str = "
+DROP TRIGGER requests_usage_insert;
+ALTER TABLE requests ADD COLUMN error TEXT;
+";
 
 /// Version 1.
 ///
@@ -165,6 +175,10 @@ fn setup_writer(conn: &Connection, path: &Path, busy_timeout: Duration, check: b
     // Savepoints (one per command in a group commit) journal the pages they touch: in memory,
     // not in a temporary file written page by page.
     conn.pragma_update(None, "temp_store", "MEMORY")?;
+    // A batch of history touches a few MiB of pages; a cache that holds them all avoids
+    // spilling pages to the WAL in the middle of the transaction. (Pages are allocated as they
+    // are used, up to this.)
+    conn.pragma_update(None, "cache_size", -8192)?;
     migrate(conn, path, version)?;
     Ok(())
 }
