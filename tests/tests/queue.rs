@@ -291,7 +291,10 @@ async fn requests_passed_straight_through_are_recorded_with_their_response() {
     assert_eq!(record.attempt_log.len(), 1, "{:?}", record.attempt_log);
     let attempt = &record.attempt_log[0];
     assert_eq!((attempt.number, attempt.status), (1, Some(201)));
-    assert_eq!(attempt.outcome, ferry_relay::store::AttemptOutcome::Delivered);
+    assert_eq!(
+        attempt.outcome,
+        ferry_relay::store::AttemptOutcome::Delivered
+    );
     relay.shutdown().await.unwrap();
 }
 

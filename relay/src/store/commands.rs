@@ -415,16 +415,24 @@ pub(crate) fn recover_interrupted(conn: &Connection, now: i64) -> Result<u64> {
     Ok(requeued as u64)
 }
 
+/// The smallest id made at `ms`: every id made before sorts below it.
+fn first_id_at(ms: i64) -> RequestId {
+    RequestId::from(ulid::Ulid::from_parts(u64::try_from(ms).unwrap_or(0), 0))
+}
+
 /// Deletes up to `limit` of the oldest requests received before `cutoff` (except those being
 /// delivered right now). Returns how many went.
 pub(crate) fn prune_by_age(conn: &Connection, cutoff: i64, limit: usize) -> Result<u64> {
     let deleted = conn
         .prepare_cached(
+            // An id is made when the request is recorded, never before it arrived: the id
+            // range (the primary key's index) holds every candidate.
             "DELETE FROM requests WHERE id IN (
-                SELECT id FROM requests WHERE received_at < ?1 AND state != 'delivering'
-                ORDER BY received_at LIMIT ?2)",
+                SELECT id FROM requests
+                WHERE id < ?1 AND received_at < ?2 AND state != 'delivering'
+                ORDER BY id LIMIT ?3)",
         )?
-        .execute(params![cutoff, to_i64(limit)])?;
+        .execute(params![first_id_at(cutoff), cutoff, to_i64(limit)])?;
     Ok(deleted as u64)
 }
 

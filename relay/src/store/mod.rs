@@ -373,7 +373,7 @@ impl Store {
             .collect();
         self.inner
             .writer
-            .call(weight, move |conn, ctx| {
+            .call_lazy(weight, move |conn, ctx| {
                 let now = now_ms();
                 let mut results = Vec::with_capacity(items.len());
                 // Sessions already seen to exist in this batch (most batches hold one).

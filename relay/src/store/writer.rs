@@ -74,7 +74,13 @@ type Job = Box<dyn Command>;
 /// What travels on the channel.
 enum Message {
     /// A command, with its share of the batch's byte budget.
-    Job { job: Job, weight: usize },
+    Job {
+        job: Job,
+        weight: usize,
+        /// Must be on disk when its caller hears back (`false`: history, which may be lost in
+        /// a power cut but never corrupted).
+        durable: bool,
+    },
     /// Finish what is queued, checkpoint, close the connection and stop.
     Shutdown(oneshot::Sender<()>),
 }
@@ -129,7 +135,33 @@ impl WriterHandle {
         let (reply, answer) = oneshot::channel::<Result<T>>();
         let job: Job = Box::new(Call { f, reply });
         self.tx
-            .send(Message::Job { job, weight })
+            .send(Message::Job {
+                job,
+                weight,
+                durable: true,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// [`Writer::call`] for a command whose changes need not survive a power cut (history):
+    /// a batch of such commands only is committed without waiting for the disk (WAL with
+    /// `synchronous=NORMAL`: still atomic and never corrupt, possibly lost if the machine
+    /// loses power).
+    pub(crate) async fn call_lazy<T, F>(&self, weight: usize, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &mut WriterCtx) -> Result<T> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel::<Result<T>>();
+        let job: Job = Box::new(Call { f, reply });
+        self.tx
+            .send(Message::Job {
+                job,
+                weight,
+                durable: false,
+            })
             .await
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
@@ -153,13 +185,21 @@ fn run(
 ) {
     let mut batch: Vec<Job> = Vec::with_capacity(limits.max_batch);
     let mut stop: Option<oneshot::Sender<()>> = None;
+    // The connection starts with synchronous=FULL (see `schema::open_writer`).
+    let mut synced = true;
     while let Some(first) = rx.blocking_recv() {
         let mut bytes = 0usize;
+        let mut durable = false;
         let mut next = Some(first);
         while let Some(message) = next.take() {
             match message {
-                Message::Job { job, weight } => {
+                Message::Job {
+                    job,
+                    weight,
+                    durable: needs_sync,
+                } => {
                     bytes = bytes.saturating_add(weight);
+                    durable |= needs_sync;
                     batch.push(job);
                 }
                 Message::Shutdown(done) => stop = Some(done),
@@ -172,12 +212,25 @@ fn run(
             // Refuse new commands, but run the ones already queued.
             rx.close();
             while let Ok(message) = rx.try_recv() {
-                if let Message::Job { job, .. } = message {
+                if let Message::Job {
+                    job,
+                    durable: needs_sync,
+                    ..
+                } = message
+                {
+                    durable |= needs_sync;
                     batch.push(job);
                 }
             }
         }
         if !batch.is_empty() {
+            if durable != synced {
+                let level = if durable { "FULL" } else { "NORMAL" };
+                match conn.pragma_update(None, "synchronous", level) {
+                    Ok(()) => synced = durable,
+                    Err(err) => warn!(%err, "store: cannot set synchronous={level}"),
+                }
+            }
             run_batch(&conn, &mut ctx, &mut batch, counters);
         }
         if stop.is_some() {
