@@ -13,6 +13,7 @@
 #        (b) throughput, 64 connections, 1 KiB POST: requests/s and p99
 #        (c) large bodies, 4 connections, 5 MiB POST: MiB/s (= requests/s x 5)
 #        (f) CPU microseconds per request of the tunnel's processes during (b)
+#        (g) Ferry only: durable accepts per second while no client is connected (issue 4)
 #   3. Ferry only: (d) relay RSS per idle connected client with 1,000 and 10,000 clients
 #      (bench-idle), and (e) one 1 GiB request body and one 1 GiB response body, with the peak
 #      RSS (VmHWM) of fresh relay and client processes.
@@ -286,7 +287,18 @@ run_ferry() {
   wait_http "http://127.0.0.1:$RELAY_PORT/bench/hook" || return 1
   R[ferry.procs]="relay + client"
   suite ferry "http://127.0.0.1:$RELAY_PORT/bench/hook" "" "$RELAY_PID" "$CLIENT_PID"
-  stop "$CLIENT_PID" "$RELAY_PID"
+  # (g) With the client gone the session queues: every request is committed to disk
+  # (synchronous=FULL) before its 202.
+  stop "$CLIENT_PID"
+  log "ferry: (g) durable accepts while the client is offline, 64 connections, $DUR"
+  local line
+  line=$(wrk_run ferry g "http://127.0.0.1:$RELAY_PORT/bench/hook" "" "$WORK/body1k.json" 2 64)
+  R[g.rps]=$(calc "$(ok_count "$line") / ($(num "$line" duration_us) / 1000000)" 0)
+  R[g.p99]=$(calc "$(kv "$line" p99_us) / 1000" 3)
+  R[g.err]=$(($(num "$line" non2xx) + $(num "$line" errors)))
+  R[g.status]=$(curl -s -o /dev/null -w '%{http_code}' -X POST --data-binary @"$WORK/body1k.json" \
+    "http://127.0.0.1:$RELAY_PORT/bench/hook" || true)
+  stop "$RELAY_PID"
 }
 
 run_bore() {
@@ -499,6 +511,15 @@ report() {
   echo
   echo "Versions: $(for p in $PEERS; do printf '%s; ' "$(version_of "$p")"; done)"
   echo
+  echo "## Durable accepts (g): Ferry relay with no client connected"
+  echo
+  echo "| requests/s answered 202 | p99 ms | answer to a sample request | errors |"
+  echo "|---|---|---|---|"
+  echo "| ${R[g.rps]:-–} | ${R[g.p99]:-–} | ${R[g.status]:-–} | ${R[g.err]:-–} |"
+  echo
+  echo "64 connections, 1 KiB JSON POSTs; each request is committed to the relay's SQLite store"
+  echo "(WAL, synchronous=FULL, group commit) before its 202. Issue 4's target: at least 5,000/s."
+  echo
   echo "## Idle clients (d): Ferry relay RSS"
   echo
   echo "| idle clients | relay RSS before | relay RSS with clients | per client | dropped while idle |"
@@ -532,6 +553,7 @@ report() {
   target "latency p50 ≤ 1.2× bore's" "$(ratio "${R[ferry.a50]:-}" "${R[bore.a50]:-}")" le 1.2 "${R[ferry.aerr]:-0}"
   target "throughput ≥ 0.9× bore's req/s" "$(ratio "${R[ferry.brps]:-}" "${R[bore.brps]:-}")" ge 0.9 "${R[ferry.berr]:-0}"
   target "5 MiB bodies ≥ 1.0× bore's MiB/s" "$(ratio "${R[ferry.cmib]:-}" "${R[bore.cmib]:-}")" ge 1.0 "${R[ferry.cerr]:-0}"
+  target "durable offline accepts ≥ 5,000/s (issue 4)" "${R[g.rps]:-–}" ge 5000 "${R[g.err]:-0}"
   local big; big=$(echo "$IDLE_COUNTS" | awk '{ print $NF }')
   target "≤ 32 KiB relay RSS per client at $big" "${R[d.$big.per]:-–} KiB" le 32
   for dir in upload download; do
