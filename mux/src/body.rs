@@ -94,12 +94,15 @@ impl TunnelBody {
         }
         // If the connection is gone there is nobody to return credit to.
         if ready!(self.out.poll_reserve(cx)).is_ok() {
+            // Count the credit as returned before the peer can hear of it: once the update is
+            // out, the peer may spend it and its data may arrive (on another thread) before
+            // this one runs on, and it must find room for it.
+            self.slot.credit_returned(self.unreturned);
             let msg = Control::Window {
                 stream: self.slot.id,
                 increment: self.unreturned,
             };
             let _ = self.out.send_item(Message::text(msg.encode()));
-            self.slot.credit_returned(self.unreturned);
         }
         self.unreturned = 0;
         Poll::Ready(())
