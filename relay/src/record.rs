@@ -20,7 +20,7 @@ use crate::store::{NewRequest, Outcome, RequestState, Response, Store};
 /// Body bytes held for history at once, over all exchanges: copied and not yet written. Beyond
 /// it, bodies are kept only in part (their records say so), so history never costs the relay
 /// more than this much memory, however large or many the bodies passing through.
-pub(crate) const HISTORY_BUFFER: usize = 16 * 1024 * 1024;
+pub(crate) const HISTORY_BUFFER: usize = 8 * 1024 * 1024;
 
 /// What is left of [`HISTORY_BUFFER`].
 #[derive(Clone)]
@@ -63,10 +63,11 @@ impl Drop for Held {
     }
 }
 
-/// A copy of a body's first `limit` bytes (fewer when the [`Budget`] runs out), and its full
-/// length.
+/// A body's first `limit` bytes (fewer when the [`Budget`] runs out), kept as the chunks that
+/// passed (no copy until the end), and its full length.
 pub(crate) struct Capture {
-    buf: BytesMut,
+    chunks: Vec<Bytes>,
+    kept: usize,
     limit: usize,
     len: u64,
     /// Out of budget: nothing more is kept, so the copy stays a prefix.
@@ -77,7 +78,8 @@ pub(crate) struct Capture {
 impl Capture {
     pub(crate) fn new(limit: usize, budget: Budget) -> Self {
         Capture {
-            buf: BytesMut::new(),
+            chunks: Vec::new(),
+            kept: 0,
             limit,
             len: 0,
             starved: false,
@@ -85,25 +87,41 @@ impl Capture {
         }
     }
 
-    fn push(&mut self, bytes: &[u8]) {
+    fn push(&mut self, bytes: &Bytes) {
         self.len += bytes.len() as u64;
         if self.starved {
             return;
         }
-        let want = bytes.len().min(self.limit.saturating_sub(self.buf.len()));
+        let want = bytes.len().min(self.limit.saturating_sub(self.kept));
         let granted = self.held.budget.take(want);
         self.held.bytes += granted;
         self.starved = granted < want;
-        self.buf.extend_from_slice(&bytes[..granted]);
+        if granted > 0 {
+            self.kept += granted;
+            self.chunks.push(bytes.slice(..granted));
+        }
     }
 
-    /// The kept bytes, the full length, and the budget they hold.
+    /// The kept bytes (in one piece), the full length, and the budget they hold.
     fn take(&mut self) -> (Bytes, u64, Held) {
         let held = Held {
             budget: self.held.budget.clone(),
             bytes: std::mem::take(&mut self.held.bytes),
         };
-        (std::mem::take(&mut self.buf).freeze(), self.len, held)
+        let chunks = std::mem::take(&mut self.chunks);
+        let kept = std::mem::take(&mut self.kept);
+        let body = match chunks.len() {
+            0 => Bytes::new(),
+            1 => chunks.into_iter().next().expect("one chunk"),
+            _ => {
+                let mut body = BytesMut::with_capacity(kept);
+                for chunk in chunks {
+                    body.extend_from_slice(&chunk);
+                }
+                body.freeze()
+            }
+        };
+        (body, self.len, held)
     }
 }
 
@@ -332,8 +350,8 @@ mod tests {
     fn a_capture_keeps_a_prefix_within_its_limit_and_counts_the_whole_body() {
         let budget = Budget::new(1000);
         let mut capture = Capture::new(10, budget.clone());
-        capture.push(b"0123456");
-        capture.push(b"789abcdef");
+        capture.push(&Bytes::from_static(b"0123456"));
+        capture.push(&Bytes::from_static(b"789abcdef"));
         let (kept, len, held) = capture.take();
         assert_eq!(&kept[..], b"0123456789");
         assert_eq!(len, 16);
@@ -351,14 +369,14 @@ mod tests {
         let budget = Budget::new(8);
         let mut first = Capture::new(100, budget.clone());
         let mut second = Capture::new(100, budget.clone());
-        first.push(b"abcdef");
-        second.push(b"ghijkl");
+        first.push(&Bytes::from_static(b"abcdef"));
+        second.push(&Bytes::from_static(b"ghijkl"));
         // Out of budget: the second keeps a prefix and nothing after it, even once the
         // budget is back.
         let (kept, len, held) = first.take();
         assert_eq!((&kept[..], len), (&b"abcdef"[..], 6));
         drop(held);
-        second.push(b"mn");
+        second.push(&Bytes::from_static(b"mn"));
         let (kept, len, _held) = second.take();
         assert_eq!((&kept[..], len), (&b"gh"[..], 8));
     }
