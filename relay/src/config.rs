@@ -65,6 +65,12 @@ pub struct Args {
     #[arg(long, value_parser = parse_size)]
     pub record_max_body: Option<u64>,
 
+    /// Memory for bodies on their way to history (K, M, G allowed). One body takes at most half
+    /// of it; beyond, bodies are kept in part (and cannot be replayed). Raise it to keep larger
+    /// bodies whole (GitHub sends up to 25 MB).
+    #[arg(long, default_value = "8M", value_parser = parse_size)]
+    pub record_buffer: u64,
+
     /// How long recorded requests are kept.
     #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
     pub retention: Duration,
@@ -132,6 +138,8 @@ pub struct RelayConfig {
     /// Bodies longer than this are cut in the history of passed-through requests
     /// (`--record-max-body`; the store cuts at its own limit too).
     pub record_max_body: usize,
+    /// Memory for bodies on their way to history (`--record-buffer`).
+    pub record_buffer: usize,
     /// How long recorded requests are kept (`--retention`).
     pub retention: Duration,
     /// Most bytes of history kept (`--retention-max-bytes`).
@@ -170,6 +178,7 @@ impl RelayConfig {
             stats: Arc::default(),
             store: None,
             record_max_body: 32 << 20,
+            record_buffer: crate::record::DEFAULT_BUFFER,
             retention: Duration::from_secs(7 * 24 * 3600),
             retention_max_bytes: None,
             prune_interval: Duration::from_secs(60),

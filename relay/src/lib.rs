@@ -100,7 +100,10 @@ pub async fn run(
         tokens: TokenSet::new(&config.tokens),
         registry,
         shutdown: CancellationToken::new(),
-        recorder: config.store.clone().map(record::Recorder::start),
+        recorder: config
+            .store
+            .clone()
+            .map(|store| record::Recorder::start(store, config.record_buffer)),
         config,
     });
     if let Some(store) = relay.config.store.clone() {

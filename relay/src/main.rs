@@ -77,6 +77,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     config.record_max_body =
         usize::try_from(args.record_max_body.unwrap_or(args.max_body)).unwrap_or(usize::MAX);
+    config.record_buffer = usize::try_from(args.record_buffer).unwrap_or(usize::MAX);
     let options = StoreOptions {
         record_max_body: config.record_max_body,
         ..StoreOptions::default()

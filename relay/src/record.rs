@@ -17,25 +17,34 @@ use tracing::{debug, warn};
 
 use crate::store::{NewRequest, Outcome, RequestState, Response, Store};
 
-/// Body bytes held for history at once, over all exchanges: copied and not yet written. Beyond
-/// it, bodies are kept only in part (their records say so), so history never costs the relay
-/// more than this much memory, however large or many the bodies passing through.
-pub(crate) const HISTORY_BUFFER: usize = 8 * 1024 * 1024;
+/// Default of `--record-buffer`: body bytes held for history at once, over all exchanges, kept
+/// and not yet written. Beyond it, bodies are kept only in part (their records say so), so
+/// history never costs the relay more than about this much memory, however large or many the
+/// bodies passing through. One body may take at most half of it, so that one huge upload does
+/// not leave every other request of the moment without its body.
+pub(crate) const DEFAULT_BUFFER: usize = 8 * 1024 * 1024;
 
-/// What is left of [`HISTORY_BUFFER`].
+/// What is left of the `--record-buffer`.
 #[derive(Clone)]
-pub(crate) struct Budget(Arc<AtomicUsize>);
+pub(crate) struct Budget {
+    left: Arc<AtomicUsize>,
+    /// Most one body may hold: half the buffer.
+    per_body: usize,
+}
 
 impl Budget {
     fn new(bytes: usize) -> Self {
-        Budget(Arc::new(AtomicUsize::new(bytes)))
+        Budget {
+            left: Arc::new(AtomicUsize::new(bytes)),
+            per_body: bytes / 2,
+        }
     }
 
     /// Takes up to `want` bytes; returns how many were granted.
     fn take(&self, want: usize) -> usize {
         let mut granted = 0;
         let _ = self
-            .0
+            .left
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
                 granted = want.min(left);
                 Some(left - granted)
@@ -59,7 +68,7 @@ impl Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        self.budget.0.fetch_add(self.bytes, Ordering::AcqRel);
+        self.budget.left.fetch_add(self.bytes, Ordering::AcqRel);
     }
 }
 
@@ -92,7 +101,8 @@ impl Capture {
         if self.starved {
             return;
         }
-        let want = bytes.len().min(self.limit.saturating_sub(self.kept));
+        let limit = self.limit.min(self.held.budget.per_body);
+        let want = bytes.len().min(limit.saturating_sub(self.kept));
         let granted = self.held.budget.take(want);
         self.held.bytes += granted;
         self.starved = granted < want;
@@ -186,7 +196,7 @@ pub(crate) struct Recorder {
 
 impl Recorder {
     /// Starts the writing task for `store`; it ends when every [`Recorder`] clone is gone.
-    pub(crate) fn start(store: Store) -> Recorder {
+    pub(crate) fn start(store: Store, buffer: usize) -> Recorder {
         let (tx, mut rx) = mpsc::channel::<(NewRequest, Outcome, Held)>(MAX_PENDING);
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -212,7 +222,7 @@ impl Recorder {
         });
         Recorder {
             tx,
-            budget: Budget::new(HISTORY_BUFFER),
+            budget: Budget::new(buffer),
         }
     }
 }
@@ -355,10 +365,10 @@ mod tests {
         let (kept, len, held) = capture.take();
         assert_eq!(&kept[..], b"0123456789");
         assert_eq!(len, 16);
-        assert_eq!(budget.0.load(Ordering::Acquire), 990);
+        assert_eq!(budget.left.load(Ordering::Acquire), 990);
         drop(held);
         assert_eq!(
-            budget.0.load(Ordering::Acquire),
+            budget.left.load(Ordering::Acquire),
             1000,
             "given back once written"
         );
@@ -366,18 +376,27 @@ mod tests {
 
     #[test]
     fn the_shared_budget_bounds_what_all_captures_hold() {
-        let budget = Budget::new(8);
+        // 10 bytes in all, at most 5 per body.
+        let budget = Budget::new(10);
         let mut first = Capture::new(100, budget.clone());
         let mut second = Capture::new(100, budget.clone());
+        let mut third = Capture::new(100, budget.clone());
         first.push(&Bytes::from_static(b"abcdef"));
-        second.push(&Bytes::from_static(b"ghijkl"));
-        // Out of budget: the second keeps a prefix and nothing after it, even once the
-        // budget is back.
+        second.push(&Bytes::from_static(b"ghij"));
+        third.push(&Bytes::from_static(b"klm"));
         let (kept, len, held) = first.take();
-        assert_eq!((&kept[..], len), (&b"abcdef"[..], 6));
+        assert_eq!(
+            (&kept[..], len),
+            (&b"abcde"[..], 6),
+            "half the buffer per body"
+        );
+        let (kept, _, _second_held) = second.take();
+        assert_eq!(&kept[..], b"ghij");
+        // Out of budget: the third keeps a prefix and nothing after it, even once the budget
+        // is back.
         drop(held);
-        second.push(&Bytes::from_static(b"mn"));
-        let (kept, len, _held) = second.take();
-        assert_eq!((&kept[..], len), (&b"gh"[..], 8));
+        third.push(&Bytes::from_static(b"no"));
+        let (kept, len, _held) = third.take();
+        assert_eq!((&kept[..], len), (&b"k"[..], 5));
     }
 }

@@ -178,10 +178,6 @@ fn setup_writer(conn: &Connection, path: &Path, busy_timeout: Duration, check: b
     // Savepoints (one per command in a group commit) journal the pages they touch: in memory,
     // not in a temporary file written page by page.
     conn.pragma_update(None, "temp_store", "MEMORY")?;
-    // A batch of history touches a few MiB of pages; a cache that holds them all avoids
-    // spilling pages to the WAL in the middle of the transaction. (Pages are allocated as they
-    // are used, up to this.)
-    conn.pragma_update(None, "cache_size", -8192)?;
     // Checkpoint every ~16 MiB of WAL rather than 4: pages changed again and again (index
     // pages, the usage row) are copied back into the database less often.
     conn.pragma_update(None, "wal_autocheckpoint", 4000)?;
