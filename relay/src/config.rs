@@ -140,6 +140,9 @@ pub struct RelayConfig {
     pub record_max_body: usize,
     /// Memory for bodies on their way to history (`--record-buffer`).
     pub record_buffer: usize,
+    /// Memory for the bodies of requests being read to be queued, all together (at least one
+    /// `max_body`); a request that finds it spent is answered 503 with Retry-After.
+    pub queue_memory: usize,
     /// How long recorded requests are kept (`--retention`).
     pub retention: Duration,
     /// Most bytes of history kept (`--retention-max-bytes`).
@@ -179,6 +182,7 @@ impl RelayConfig {
             store: None,
             record_max_body: 32 << 20,
             record_buffer: crate::record::DEFAULT_BUFFER,
+            queue_memory: 64 * 1024 * 1024,
             retention: Duration::from_secs(7 * 24 * 3600),
             retention_max_bytes: None,
             prune_interval: Duration::from_secs(60),

@@ -56,6 +56,8 @@ pub struct Relay {
     shutdown: CancellationToken,
     /// Writes passed-through requests to history (with a store).
     recorder: Option<record::Recorder>,
+    /// Bytes of request bodies being read into memory to be queued (see `public::enqueue`).
+    queue_memory: Arc<tokio::sync::Semaphore>,
 }
 
 impl Relay {
@@ -104,6 +106,12 @@ pub async fn run(
             .store
             .clone()
             .map(|store| record::Recorder::start(store, config.record_buffer)),
+        queue_memory: Arc::new(tokio::sync::Semaphore::new(
+            config
+                .queue_memory
+                .max(usize::try_from(config.max_body).unwrap_or(usize::MAX))
+                .min(tokio::sync::Semaphore::MAX_PERMITS),
+        )),
         config,
     });
     if let Some(store) = relay.config.store.clone() {

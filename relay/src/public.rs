@@ -3,12 +3,13 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use ferry_mux::{MuxError, PumpError};
 use ferry_protocol::{Control, HttpVersion, RequestHead};
 use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
 use http_body::Body as _;
+use http_body_util::BodyExt as _;
 use http_body_util::Either;
-use http_body_util::{BodyExt as _, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use tracing::{debug, warn};
 
@@ -355,19 +356,29 @@ async fn enqueue(
             return too_large(max_body);
         }
     }
-    let limit = usize::try_from(max_body).unwrap_or(usize::MAX);
-    let body = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(err) => {
-            if err.downcast_ref::<LengthLimitError>().is_some() {
-                return too_large(max_body);
-            }
-            debug!(%err, "caller's body failed");
-            return reply::error(
-                StatusCode::BAD_REQUEST,
-                "bad request body",
-                &err.to_string(),
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    let (body, _held) = match read_for_queue(body, declared, max_body, &relay.queue_memory).await {
+        Ok(read) => read,
+        Err(QueueReadError::TooLarge) => return too_large(max_body),
+        Err(QueueReadError::Body(detail)) => {
+            debug!(%detail, "caller's body failed");
+            return reply::error(StatusCode::BAD_REQUEST, "bad request body", &detail);
+        }
+        Err(QueueReadError::Busy) => {
+            let mut response = reply::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "relay busy",
+                "the relay is storing as many request bodies as it can hold in memory right now; retry shortly",
             );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return response;
         }
     };
     let host = parts
@@ -450,6 +461,68 @@ fn queued_answer(respond: &RespondMode, id: &str) -> Response<RelayBody> {
     response
 }
 
+/// Why a body could not be read for the queue.
+#[derive(Debug, PartialEq, Eq)]
+enum QueueReadError {
+    /// Longer than `--max-body`.
+    TooLarge,
+    /// The memory for bodies being queued is spent.
+    Busy,
+    /// The caller's body failed.
+    Body(String),
+}
+
+/// Reads a body to be queued, whole (it is written to disk in one piece). All bodies being read
+/// for the queue share `memory`: one that finds it spent fails with [`QueueReadError::Busy`]
+/// (the caller gets 503 and Retry-After, like from any busy server) rather than the relay
+/// growing without bound. The returned guard holds the body's share until it is dropped.
+async fn read_for_queue<B>(
+    body: B,
+    declared: usize,
+    max_body: u64,
+    memory: &tokio::sync::Semaphore,
+) -> Result<(Bytes, HeldMemory<'_>), QueueReadError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    let mut body = std::pin::pin!(body);
+    let mut chunks = bytes::BytesMut::with_capacity(declared.min(64 * 1024 * 1024));
+    let mut held = HeldMemory {
+        semaphore: memory,
+        bytes: 0,
+    };
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|err| QueueReadError::Body(err.to_string()))?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        if chunks.len() as u64 + data.len() as u64 > max_body {
+            return Err(QueueReadError::TooLarge);
+        }
+        let permit = u32::try_from(data.len())
+            .ok()
+            .and_then(|n| memory.try_acquire_many(n).ok())
+            .ok_or(QueueReadError::Busy)?;
+        permit.forget();
+        held.bytes += data.len();
+        chunks.extend_from_slice(&data);
+    }
+    Ok((chunks.freeze(), held))
+}
+
+/// Bytes of the queue's memory held by one request being queued; given back when dropped.
+struct HeldMemory<'a> {
+    semaphore: &'a tokio::sync::Semaphore,
+    bytes: usize,
+}
+
+impl Drop for HeldMemory<'_> {
+    fn drop(&mut self) {
+        self.semaphore.add_permits(self.bytes);
+    }
+}
+
 /// Records a failed pass-through exchange.
 fn failed(exchange: Option<Exchange>, error: &str) {
     if let Some(exchange) = exchange {
@@ -475,7 +548,40 @@ fn disconnected(session: &str, detail: &str) -> Response<RelayBody> {
 
 #[cfg(test)]
 mod tests {
-    use super::split_session;
+    use super::{read_for_queue, split_session, QueueReadError};
+    use bytes::Bytes;
+    use http_body_util::Full;
+
+    #[tokio::test]
+    async fn bodies_read_for_the_queue_share_their_memory() {
+        let memory = tokio::sync::Semaphore::new(1024);
+        let (first, held) =
+            read_for_queue(Full::new(Bytes::from(vec![b'a'; 1000])), 0, 4096, &memory)
+                .await
+                .unwrap();
+        assert_eq!(first.len(), 1000);
+        assert_eq!(
+            memory.available_permits(),
+            24,
+            "held while the body is being stored"
+        );
+        let busy = read_for_queue(Full::new(Bytes::from(vec![b'b'; 100])), 0, 4096, &memory).await;
+        assert_eq!(busy.err(), Some(QueueReadError::Busy));
+        assert_eq!(
+            memory.available_permits(),
+            24,
+            "nothing kept by a refused body"
+        );
+        drop(held);
+        assert_eq!(memory.available_permits(), 1024);
+        let (second, _held) =
+            read_for_queue(Full::new(Bytes::from(vec![b'b'; 100])), 0, 4096, &memory)
+                .await
+                .unwrap();
+        assert_eq!(second.len(), 100);
+        let large = read_for_queue(Full::new(Bytes::from(vec![b'c'; 200])), 0, 150, &memory).await;
+        assert_eq!(large.err(), Some(QueueReadError::TooLarge));
+    }
 
     #[test]
     fn splits_session_from_target() {
