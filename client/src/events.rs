@@ -16,6 +16,8 @@ pub enum Event {
         session: String,
         /// Where requests go.
         target: String,
+        /// How callers are answered (`--respond-now`, `--deadline`), in words.
+        answers: String,
     },
     /// Trying to reach the relay.
     Connecting {
@@ -158,8 +160,13 @@ impl Console {
 
 fn human(event: &Event) -> String {
     match event {
-        Event::Ready { url, target, .. } => format!(
-            "\nferry                  online\nForwarding             {url} -> {target}\n(Ctrl+C to quit)\n"
+        Event::Ready {
+            url,
+            target,
+            answers,
+            ..
+        } => format!(
+            "\nferry                  online\nForwarding             {url} -> {target}\nAnswers                {answers}\n(Ctrl+C to quit)\n"
         ),
         Event::Connecting { attempt, relay } => {
             format!("● connecting to {relay} (attempt {attempt})")
@@ -198,6 +205,31 @@ fn human(event: &Event) -> String {
     }
 }
 
+/// How callers of a session are answered, in words, for the banner.
+pub fn describe_answers(
+    respond: Option<&ferry_protocol::RespondPolicy>,
+    offline: Option<ferry_protocol::OfflinePolicy>,
+) -> String {
+    use ferry_protocol::{OfflinePolicy, RespondPolicy};
+    let away = match offline {
+        Some(OfflinePolicy::Reject) => "503",
+        _ => "queued, 202",
+    };
+    match respond {
+        None | Some(RespondPolicy::Pass) => {
+            format!("the app's response (while this client is away: {away})")
+        }
+        Some(RespondPolicy::Now { status, .. }) => format!(
+            "at once with {} (--respond-now); requests reach the app through the queue",
+            status.unwrap_or(202)
+        ),
+        Some(RespondPolicy::Deadline { millis }) => format!(
+            "the app's response, or 202 after {}s (--deadline; while this client is away: {away})",
+            *millis as f64 / 1000.0
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,12 +249,13 @@ mod tests {
             url: "http://r/s".into(),
             session: "s".into(),
             target: "http://localhost:3000".into(),
+            answers: "the app's response".into(),
         };
         let (line, stderr) = console.render(&ready).unwrap();
         assert!(!stderr);
         assert_eq!(
             line,
-            r#"{"event":"ready","url":"http://r/s","session":"s","target":"http://localhost:3000"}"#
+            r#"{"event":"ready","url":"http://r/s","session":"s","target":"http://localhost:3000","answers":"the app's response"}"#
         );
         let mut event = RequestEvent::new(1, "POST", "/x");
         event.status = 200;

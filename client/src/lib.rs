@@ -219,6 +219,7 @@ pub async fn run(
                         url: public_url.clone(),
                         session,
                         target: config.target.to_string(),
+                        answers: events::describe_answers(config.respond.as_ref(), config.offline),
                     }
                 };
                 let _ = events.send(event).await;
