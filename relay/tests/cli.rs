@@ -115,4 +115,12 @@ fn bad_flags_exit_nonzero_with_a_message() {
         stderr.contains("--public-url must start with http"),
         "{stderr}"
     );
+
+    let output = Command::new(env!("CARGO_BIN_EXE_ferry-relay"))
+        .args(["--listen", "127.0.0.1:0", "--workers", "0"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--workers"), "{stderr}");
 }
