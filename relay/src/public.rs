@@ -155,15 +155,9 @@ async fn pass(
     let session_id = session.id.as_str();
     let target = target.as_str();
     let max_body = relay.config.max_body;
-    if let Some(length) = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        if length > max_body {
-            return too_large(max_body);
-        }
+    let declared = declared_length(&parts);
+    if declared.is_some_and(|length| length > max_body) {
+        return too_large(max_body);
     }
     let Some(stream_id) = live.next_stream_id() else {
         live.mux.close("stream ids exhausted; reconnecting");
@@ -192,20 +186,8 @@ async fn pass(
             return disconnected(session_id, &err.to_string());
         }
     };
-    let host = parts
-        .headers
-        .get(header::HOST)
-        .map(|h| h.as_bytes())
-        .or_else(|| parts.uri.authority().map(|a| a.as_str().as_bytes()));
-    let prefix = format!("/{session_id}");
-    let forwarded = Forwarded {
-        peer,
-        proto: &relay.config.public_scheme,
-        host,
-        prefix: &prefix,
-    };
     let has_body = !body.is_end_stream();
-    let headers = request_headers(&parts.headers, &forwarded);
+    let headers = forwarded_headers(&relay, &parts, peer, session_id);
     // History: the exchange is copied as it streams by and written after it ends.
     let mut exchange = relay.recorder.as_ref().map(|recorder| {
         Exchange::begin(
@@ -346,23 +328,12 @@ async fn enqueue(
 ) -> Response<RelayBody> {
     let session_id = session.id.as_str();
     let max_body = relay.config.max_body;
-    if let Some(length) = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        if length > max_body {
-            return too_large(max_body);
-        }
+    let declared = declared_length(parts);
+    if declared.is_some_and(|length| length > max_body) {
+        return too_large(max_body);
     }
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(0);
-    let (body, _held) = match read_for_queue(body, declared, max_body, &relay.queue_memory).await {
+    let capacity = declared.and_then(|n| usize::try_from(n).ok()).unwrap_or(0);
+    let (body, _held) = match read_for_queue(body, capacity, max_body, &relay.queue_memory).await {
         Ok(read) => read,
         Err(QueueReadError::TooLarge) => return too_large(max_body),
         Err(QueueReadError::Body(detail)) => {
@@ -381,19 +352,7 @@ async fn enqueue(
             return response;
         }
     };
-    let host = parts
-        .headers
-        .get(header::HOST)
-        .map(|h| h.as_bytes())
-        .or_else(|| parts.uri.authority().map(|a| a.as_str().as_bytes()));
-    let prefix = format!("/{session_id}");
-    let forwarded = Forwarded {
-        peer,
-        proto: &relay.config.public_scheme,
-        host,
-        prefix: &prefix,
-    };
-    let headers = request_headers(&parts.headers, &forwarded);
+    let headers = forwarded_headers(relay, parts, peer, session_id);
     let request = NewRequest::new(
         session_id,
         now_ms(),
@@ -521,6 +480,37 @@ impl Drop for HeldMemory<'_> {
     fn drop(&mut self) {
         self.semaphore.add_permits(self.bytes);
     }
+}
+
+/// The `Content-Length` the caller declared, if any.
+fn declared_length(parts: &http::request::Parts) -> Option<u64> {
+    parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// The request's headers as the app gets them: hop-by-hop ones removed, `X-Forwarded-*` added.
+fn forwarded_headers(
+    relay: &Relay,
+    parts: &http::request::Parts,
+    peer: SocketAddr,
+    session_id: &str,
+) -> ferry_protocol::HeaderList {
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .map(|h| h.as_bytes())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str().as_bytes()));
+    let prefix = format!("/{session_id}");
+    let forwarded = Forwarded {
+        peer,
+        proto: &relay.config.public_scheme,
+        host,
+        prefix: &prefix,
+    };
+    request_headers(&parts.headers, &forwarded)
 }
 
 /// Records a failed pass-through exchange.

@@ -499,6 +499,32 @@ impl Body for ChannelBody {
     }
 }
 
+/// Runs `check` now and again after every transaction `store` ends, until it finds something;
+/// panics after 10 s naming `what`. For writes that land in the background (history records,
+/// delivery outcomes): the store's commit signal, not a timer, says when to look again.
+pub async fn wait_for_store<T, F, Fut>(
+    store: &ferry_relay::store::Store,
+    what: &str,
+    mut check: F,
+) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let mut commits = store.commits();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        commits.borrow_and_update();
+        if let Some(found) = check().await {
+            return found;
+        }
+        tokio::time::timeout_at(deadline, commits.changed())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: not in the store within 10 s"))
+            .expect("the store's writer stopped");
+    }
+}
+
 #[cfg(test)]
 mod unit {
     use super::*;

@@ -262,25 +262,16 @@ async fn requests_passed_straight_through_are_recorded_with_their_response() {
     assert_eq!(status, StatusCode::CREATED);
     assert_eq!(&body[..], b"made");
     // Recording happens after the answer, in the background: wait for it to land.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let summary = loop {
+    let summary = ferry_tests::wait_for_store(&store, "the delivered request", || async {
         let page = store
             .list("live", &Default::default(), Default::default())
             .await
             .unwrap();
-        if let Some(summary) = page
-            .requests
+        page.requests
             .into_iter()
             .find(|r| r.state == RequestState::Delivered)
-        {
-            break summary;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "request not recorded"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await; // polling the store
-    };
+    })
+    .await;
     assert_eq!(summary.method, "POST");
     assert_eq!(summary.target, "/x?y=1");
     assert_eq!(summary.status, Some(201));
@@ -324,18 +315,14 @@ async fn a_body_over_the_record_limit_is_recorded_in_part_with_its_full_length()
     .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(echoed.len(), 100, "the caller gets all of it");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let summary = loop {
+    let summary = ferry_tests::wait_for_store(&store, "the recorded request", || async {
         let page = store
             .list("bigbody", &Default::default(), Default::default())
             .await
             .unwrap();
-        if let Some(summary) = page.requests.into_iter().next() {
-            break summary;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "not recorded");
-        tokio::time::sleep(Duration::from_millis(10)).await; // polling the store
-    };
+        page.requests.into_iter().next()
+    })
+    .await;
     assert_eq!(summary.body_len, 100);
     assert!(summary.body_truncated);
     let record = store.get(summary.id).await.unwrap().unwrap();

@@ -2,8 +2,6 @@
 //! the queue; `--deadline` relays the real answer when it comes in time, and otherwise answers
 //! `202` at the deadline while the request carries on and its result is recorded.
 
-use std::time::Duration;
-
 use ferry_protocol::RespondPolicy;
 use ferry_relay::store::{RequestState, RequestSummary, Store};
 use ferry_tests::{client_config, send, Behaviour, Origin, ReadGate, TestClient, TestRelay};
@@ -28,32 +26,24 @@ async fn client(relay: &TestRelay, origin: &Origin, name: &str, mode: RespondPol
     TestClient::start(config).await
 }
 
-/// Polls the store until the session's request to `target` reaches `state`.
+/// Waits until the session's request to `target` is in `state` in the store.
 async fn wait_for_state(
     store: &Store,
     session: &str,
     target: &str,
     state: RequestState,
 ) -> RequestSummary {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    let what = format!("{target} in state {state:?}");
+    ferry_tests::wait_for_store(store, &what, || async {
         let page = store
             .list(session, &Default::default(), Default::default())
             .await
             .unwrap();
-        if let Some(found) = page
-            .requests
+        page.requests
             .into_iter()
             .find(|r| r.target == target && r.state == state)
-        {
-            return found;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{target} never reached {state:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await; // polling the store
-    }
+    })
+    .await
 }
 
 #[tokio::test]

@@ -21,6 +21,23 @@ pub(crate) struct Insert {
     pub(crate) state: RequestState,
 }
 
+impl Insert {
+    /// `request` with its headers encoded (off the writer thread), in `state` or its own.
+    pub(crate) fn new(request: super::NewRequest, state: Option<RequestState>) -> Self {
+        Insert {
+            headers: super::codec::encode_headers(&request.headers),
+            state: state.unwrap_or(request.state),
+            session_id: request.session_id,
+            received_at: request.received_at,
+            method: request.method,
+            target: request.target,
+            body_len: request.body_len,
+            body: request.body,
+            provider: request.provider.map(|p| (p.provider, p.id)),
+        }
+    }
+}
+
 /// A response ready for storage.
 pub(crate) struct EncodedResponse {
     pub(crate) status: u16,
@@ -139,16 +156,7 @@ pub(crate) fn record_request(
         return Err(StoreError::UnknownSession(req.session_id));
     }
     let id = ctx.ids.next_id();
-    let duplicate_of: Option<RequestId> = match &req.provider {
-        Some((_, provider_id)) => conn
-            .prepare_cached(
-                "SELECT id FROM requests WHERE session_id = ?1 AND provider_id = ?2
-                 ORDER BY id LIMIT 1",
-            )?
-            .query_row(params![req.session_id, provider_id], |row| row.get(0))
-            .optional()?,
-        None => None,
-    };
+    let duplicate_of = first_with_provider_id(conn, &req)?;
     // A queued request keeps its whole body: it has yet to be delivered.
     let keep = if req.state == RequestState::Queued {
         req.body.len()
@@ -482,6 +490,16 @@ pub(crate) fn stored_bytes(conn: &Connection) -> Result<u64> {
         .query_row([], |row| row.get(0))?)
 }
 
+/// The session's first request with the same provider delivery id as `req`, if any.
+fn first_with_provider_id(conn: &Connection, req: &Insert) -> Result<Option<RequestId>> {
+    match &req.provider {
+        Some((_, provider_id)) => {
+            super::queries::find_by_provider_id(conn, &req.session_id, provider_id)
+        }
+        None => Ok(None),
+    }
+}
+
 /// Whether session `id` is stored.
 pub(crate) fn session_exists(conn: &Connection, id: &str) -> Result<bool> {
     Ok(conn
@@ -502,16 +520,7 @@ pub(crate) fn record_exchange(
     // The caller has checked that the session exists, and adds the returned stored bytes to
     // the usage total.
     let id = ctx.ids.next_id();
-    let duplicate_of: Option<RequestId> = match &req.provider {
-        Some((_, provider_id)) => conn
-            .prepare_cached(
-                "SELECT id FROM requests WHERE session_id = ?1 AND provider_id = ?2
-                 ORDER BY id LIMIT 1",
-            )?
-            .query_row(params![req.session_id, provider_id], |row| row.get(0))
-            .optional()?,
-        None => None,
-    };
+    let duplicate_of = first_with_provider_id(conn, &req)?;
     let keep = req.body.len().min(ctx.record_max_body);
     let body = &req.body[..keep];
     let (provider, provider_id) = req.provider.unzip();

@@ -241,6 +241,13 @@ impl Store {
         }
     }
 
+    /// A receiver that changes after every transaction the writer ends (committed or not): a
+    /// readiness signal for tests and tools waiting for a background write, such as a history
+    /// record, to land.
+    pub fn commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.counters.committed.subscribe()
+    }
+
     /// Runs the commands already queued, checkpoints the WAL into the database file, and stops
     /// the writer. Afterwards every write (on any clone) fails with [`StoreError::Closed`].
     /// Not needed for durability — every acknowledged write is already on disk.
@@ -280,17 +287,7 @@ impl Store {
     /// recorded as a duplicate of the first. Fails with [`StoreError::UnknownSession`] if the
     /// session is not in the store.
     pub async fn record_request(&self, request: NewRequest) -> Result<RequestId> {
-        let insert = Insert {
-            headers: codec::encode_headers(&request.headers),
-            session_id: request.session_id,
-            received_at: request.received_at,
-            method: request.method,
-            target: request.target,
-            body_len: request.body_len,
-            body: request.body,
-            provider: request.provider.map(|p| (p.provider, p.id)),
-            state: request.state,
-        };
+        let insert = Insert::new(request, None);
         let kept = if insert.state == RequestState::Queued {
             insert.body.len()
         } else {
@@ -305,46 +302,13 @@ impl Store {
             .await
     }
 
-    /// Records a request that was passed straight through together with how its exchange
-    /// ended, in one atomic write, as if [`Store::record_request`] (state `Delivering`),
-    /// [`Store::start_attempt`] and [`Store::finish_attempt`] ran back to back: a crash never
-    /// leaves it half recorded, and so never queues it for a second delivery.
-    pub async fn record_exchange(
-        &self,
-        request: NewRequest,
-        outcome: Outcome,
-    ) -> Result<RequestId> {
-        let insert = Insert {
-            headers: codec::encode_headers(&request.headers),
-            session_id: request.session_id,
-            received_at: request.received_at,
-            method: request.method,
-            target: request.target,
-            body_len: request.body_len,
-            body: request.body,
-            provider: request.provider.map(|p| (p.provider, p.id)),
-            state: RequestState::Delivering,
-        };
-        let outcome = EncodedOutcome::new(outcome);
-        let weight = insert.headers.len()
-            + insert.body.len().min(self.inner.record_max_body)
-            + outcome.weight().min(self.inner.record_max_body);
-        self.inner
-            .writer
-            .call(weight, move |conn, ctx| {
-                if !commands::session_exists(conn, &insert.session_id)? {
-                    return Err(StoreError::UnknownSession(insert.session_id));
-                }
-                let (id, stored) =
-                    commands::record_exchange(conn, ctx, insert, &outcome, now_ms())?;
-                commands::add_usage(conn, stored)?;
-                Ok(id)
-            })
-            .await
-    }
-
-    /// [`Store::record_exchange`] for many requests in one write command (one transaction);
-    /// each request is recorded or not on its own, and gets its own result.
+    /// Records requests that were passed straight through, each together with how its exchange
+    /// ended, in one write command (one transaction), as if [`Store::record_request`] (state
+    /// `Delivering`), [`Store::start_attempt`] and [`Store::finish_attempt`] ran back to back: a
+    /// crash never leaves one half recorded, and so never queues it for a second delivery. A
+    /// request of an unknown session gets its own error; the others are recorded. History
+    /// needs no fsync: the batch commits with `synchronous=NORMAL` unless it shares its
+    /// transaction with durable commands.
     pub async fn record_exchanges(
         &self,
         exchanges: Vec<(NewRequest, Outcome)>,
@@ -353,17 +317,7 @@ impl Store {
         let items: Vec<(Insert, EncodedOutcome)> = exchanges
             .into_iter()
             .map(|(request, outcome)| {
-                let insert = Insert {
-                    headers: codec::encode_headers(&request.headers),
-                    session_id: request.session_id,
-                    received_at: request.received_at,
-                    method: request.method,
-                    target: request.target,
-                    body_len: request.body_len,
-                    body: request.body,
-                    provider: request.provider.map(|p| (p.provider, p.id)),
-                    state: RequestState::Delivering,
-                };
+                let insert = Insert::new(request, Some(RequestState::Delivering));
                 let outcome = EncodedOutcome::new(outcome);
                 weight += insert.headers.len()
                     + insert.body.len().min(self.inner.record_max_body)

@@ -99,6 +99,8 @@ pub(crate) struct Limits {
 pub(crate) struct Counters {
     pub(crate) transactions: AtomicU64,
     pub(crate) commands: AtomicU64,
+    /// Transactions committed (or failed) so far, for whoever waits for a write to land.
+    pub(crate) committed: tokio::sync::watch::Sender<u64>,
 }
 
 /// The sending side, held by the store.
@@ -132,24 +134,22 @@ impl WriterHandle {
         T: Send + 'static,
         F: FnOnce(&Connection, &mut WriterCtx) -> Result<T> + Send + 'static,
     {
-        let (reply, answer) = oneshot::channel::<Result<T>>();
-        let job: Job = Box::new(Call { f, reply });
-        self.tx
-            .send(Message::Job {
-                job,
-                weight,
-                durable: true,
-            })
-            .await
-            .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        self.submit(weight, true, f).await
     }
 
-    /// [`Writer::call`] for a command whose changes need not survive a power cut (history):
-    /// a batch of such commands only is committed without waiting for the disk (WAL with
-    /// `synchronous=NORMAL`: still atomic and never corrupt, possibly lost if the machine
+    /// [`WriterHandle::call`] for a command whose changes need not survive a power cut
+    /// (history): a batch of such commands only is committed without waiting for the disk (WAL
+    /// with `synchronous=NORMAL`: still atomic and never corrupt, possibly lost if the machine
     /// loses power).
     pub(crate) async fn call_lazy<T, F>(&self, weight: usize, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &mut WriterCtx) -> Result<T> + Send + 'static,
+    {
+        self.submit(weight, false, f).await
+    }
+
+    async fn submit<T, F>(&self, weight: usize, durable: bool, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connection, &mut WriterCtx) -> Result<T> + Send + 'static,
@@ -160,7 +160,7 @@ impl WriterHandle {
             .send(Message::Job {
                 job,
                 weight,
-                durable: false,
+                durable,
             })
             .await
             .map_err(|_| StoreError::Closed)?;
@@ -270,6 +270,7 @@ fn run_batch(conn: &Connection, ctx: &mut WriterCtx, batch: &mut Vec<Job>, count
     });
     counters.transactions.fetch_add(1, Ordering::Relaxed);
     counters.commands.fetch_add(count, Ordering::Relaxed);
+    counters.committed.send_modify(|n| *n += 1);
     let commit_error = commit.err();
     for answer in answers {
         answer(commit_error.as_deref());
