@@ -25,15 +25,15 @@
 
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use base64::Engine as _;
-use bytes::Bytes;
-use ferry_protocol::{Control, Delivery, HeaderList, HttpVersion, RequestHead};
+use ferry_protocol::{Delivery, HeaderList};
 use http::{header, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 
+use crate::delivery::{send_stored, Stored};
 use crate::registry::Session;
 use crate::reply::{self, RelayBody};
 use crate::store::{
@@ -409,15 +409,6 @@ async fn exchange(
     record: &RequestRecord,
     attempt: u32,
 ) -> Result<store::Response, String> {
-    let stream_id = live
-        .next_stream_id()
-        .ok_or_else(|| "the tunnel ran out of stream ids".to_owned())?;
-    let (sender, body, head_rx, guard) = live
-        .mux
-        .open_stream(stream_id)
-        .map_err(|err| err.to_string())?;
-    let original = record.summary.id.to_string();
-    let delivery_id = replay_delivery_id(record.summary.id, attempt);
     let mut headers = HeaderList::with_capacity(record.headers.len() + 1);
     for (name, value) in record.headers.iter() {
         if name.eq_ignore_ascii_case(REPLAY_OF_HEADER) {
@@ -425,60 +416,27 @@ async fn exchange(
         }
         headers.push(name, value);
     }
-    headers.push(REPLAY_OF_HEADER, original);
-    let has_body = !record.body.is_empty();
-    let head = RequestHead {
-        stream: stream_id,
-        method: record.summary.method.clone(),
-        target: record.summary.target.clone(),
-        version: HttpVersion::Http11,
+    headers.push(REPLAY_OF_HEADER, record.summary.id.to_string());
+    let stored = Stored {
+        method: &record.summary.method,
+        target: &record.summary.target,
         headers,
-        has_body,
-        delivery: Some(Delivery {
-            id: delivery_id,
+        body: &record.body,
+        delivery: Delivery {
+            id: replay_delivery_id(record.summary.id, attempt),
             received_at_ms: record.summary.received_at,
             attempt,
             queued: true,
-        }),
+        },
     };
-    sender
-        .send_control(Control::RequestHead(head))
-        .await
-        .map_err(|err| err.to_string())?;
-    let timeout = relay.config.timeout;
-    let exchange = async {
-        let send = async {
-            if has_body {
-                let _ = sender.send_data(record.body.clone(), true).await;
-            }
-        };
-        let ((), head) = tokio::join!(send, head_rx);
-        let head = match head {
-            Ok(Control::ResponseHead(head)) => head,
-            _ => return Err(format!("no response: {}", guard.cancel_reason())),
-        };
-        let (body, body_len) = if head.has_body {
-            crate::delivery::read_capped(body.with_guard(guard), relay.config.record_max_body)
-                .await?
-        } else {
-            guard.finish();
-            (Bytes::new(), 0)
-        };
-        Ok(store::Response {
-            status: head.status,
-            headers: head.headers,
-            body,
-            body_len,
-            duration: Duration::ZERO,
-        })
-    };
-    match tokio::time::timeout(timeout, exchange).await {
-        Ok(result) => result,
-        Err(_) => Err(format!(
-            "no response within the relay's timeout ({}s)",
-            timeout.as_secs_f64()
-        )),
-    }
+    send_stored(
+        live,
+        stored,
+        relay.config.timeout,
+        relay.config.record_max_body,
+    )
+    .await
+    .map_err(|failure| failure.error)
 }
 
 #[cfg(test)]

@@ -304,10 +304,10 @@ async fn deliver(
 }
 
 /// Why an exchange produced no response.
-struct Failure {
-    error: String,
+pub(crate) struct Failure {
+    pub(crate) error: String,
     /// The connection is gone (rather than the app being slow or down).
-    gone: bool,
+    pub(crate) gone: bool,
 }
 
 impl Failure {
@@ -327,13 +327,6 @@ async fn exchange(
     attempt: u32,
     timeout: Duration,
 ) -> Result<Response, Failure> {
-    let stream_id = live
-        .next_stream_id()
-        .ok_or_else(|| Failure::gone("stream ids exhausted"))?;
-    let (sender, body, head_rx, guard) = live
-        .mux
-        .open_stream(stream_id)
-        .map_err(|err| Failure::gone(err.to_string()))?;
     let id = item.id.to_string();
     let age_secs = (now_ms() - item.received_at).max(0) / 1000;
     let mut headers = HeaderList::with_capacity(item.headers.len() + 2);
@@ -342,57 +335,82 @@ async fn exchange(
     }
     headers.push(DELIVERY_ID_HEADER, id.clone());
     headers.push(DELIVERY_AGE_HEADER, age_secs.to_string());
-    let has_body = !item.body.is_empty();
-    let head = RequestHead {
-        stream: stream_id,
-        method: item.method.clone(),
-        target: item.target.clone(),
-        version: HttpVersion::Http11,
+    let stored = Stored {
+        method: &item.method,
+        target: &item.target,
         headers,
-        has_body,
-        delivery: Some(Delivery {
+        body: &item.body,
+        delivery: Delivery {
             id,
             received_at_ms: item.received_at,
             attempt,
             queued: true,
-        }),
+        },
+    };
+    send_stored(live, stored, timeout, relay.config.record_max_body).await
+}
+
+/// A recorded request on its way to the app again (a delivery from the queue, or a replay).
+pub(crate) struct Stored<'a> {
+    pub(crate) method: &'a str,
+    pub(crate) target: &'a str,
+    /// The headers to send, delivery headers included.
+    pub(crate) headers: HeaderList,
+    pub(crate) body: &'a Bytes,
+    pub(crate) delivery: Delivery,
+}
+
+/// Sends a recorded request (head and whole body) through `live` and waits, up to `timeout`,
+/// for the app's complete response, of whose body the first `keep` bytes are kept.
+pub(crate) async fn send_stored(
+    live: &Live,
+    stored: Stored<'_>,
+    timeout: Duration,
+    keep: usize,
+) -> Result<Response, Failure> {
+    let stream_id = live
+        .next_stream_id()
+        .ok_or_else(|| Failure::gone("stream ids exhausted"))?;
+    let (sender, body, head_rx, guard) = live
+        .mux
+        .open_stream(stream_id)
+        .map_err(|err| Failure::gone(err.to_string()))?;
+    let has_body = !stored.body.is_empty();
+    let head = RequestHead {
+        stream: stream_id,
+        method: stored.method.to_owned(),
+        target: stored.target.to_owned(),
+        version: HttpVersion::Http11,
+        headers: stored.headers,
+        has_body,
+        delivery: Some(stored.delivery),
     };
     sender
         .send_control(Control::RequestHead(head))
         .await
         .map_err(|err| Failure::gone(err.to_string()))?;
+    let failed = |error: String| Failure {
+        gone: live.mux.is_closed(),
+        error,
+    };
     let exchange = async {
         let send = async {
             if has_body {
-                let _ = sender.send_data(item.body.clone(), true).await;
+                let _ = sender.send_data(stored.body.clone(), true).await;
             }
         };
         let ((), head) = tokio::join!(send, head_rx);
-        let head = match head {
-            Ok(Control::ResponseHead(head)) => head,
-            _ => {
-                let reason = guard.cancel_reason();
-                return Err(Failure {
-                    gone: live.mux.is_closed(),
-                    error: format!("no response: {reason}"),
-                });
-            }
+        let Ok(Control::ResponseHead(head)) = head else {
+            return Err(failed(format!("no response: {}", guard.cancel_reason())));
         };
-        let body = if head.has_body {
-            match read_capped(body.with_guard(guard), relay.config.record_max_body).await {
-                Ok(read) => read,
-                Err(error) => {
-                    return Err(Failure {
-                        gone: live.mux.is_closed(),
-                        error,
-                    })
-                }
-            }
+        let (body, body_len) = if head.has_body {
+            read_capped(body.with_guard(guard), keep)
+                .await
+                .map_err(failed)?
         } else {
             guard.finish();
             (Bytes::new(), 0)
         };
-        let (body, body_len) = body;
         Ok(Response {
             status: head.status,
             headers: head.headers,
@@ -403,13 +421,10 @@ async fn exchange(
     };
     match tokio::time::timeout(timeout, exchange).await {
         Ok(result) => result,
-        Err(_) => Err(Failure {
-            error: format!(
-                "no response within the relay's timeout ({}s)",
-                timeout.as_secs_f64()
-            ),
-            gone: live.mux.is_closed(),
-        }),
+        Err(_) => Err(failed(format!(
+            "no response within the relay's timeout ({}s)",
+            timeout.as_secs_f64()
+        ))),
     }
 }
 
