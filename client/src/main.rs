@@ -65,11 +65,20 @@ async fn main_async(cli: Cli) -> Result<(), String> {
 
     let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(1024);
     let mut console = Console::new(args.json);
-    let printer = tokio::spawn(async move {
+    // The console is written from a thread of its own: a terminal or pipe that stops reading
+    // blocks only it, never the (single-threaded) tunnel.
+    let printer = std::thread::spawn(move || {
         use std::io::Write as _;
-        let mut batch = Vec::with_capacity(64);
+        let mut batch = Vec::with_capacity(256);
         // One write and flush per batch of queued events, not per request.
-        while events_rx.recv_many(&mut batch, 256).await > 0 {
+        while let Some(first) = events_rx.blocking_recv() {
+            batch.push(first);
+            while batch.len() < 256 {
+                match events_rx.try_recv() {
+                    Ok(event) => batch.push(event),
+                    Err(_) => break,
+                }
+            }
             let mut out = String::new();
             for event in batch.drain(..) {
                 if let Some((line, to_stderr)) = console.render(&event) {
@@ -90,6 +99,9 @@ async fn main_async(cli: Cli) -> Result<(), String> {
         let _ = tokio::signal::ctrl_c().await;
     })
     .await;
-    let _ = printer.await;
+    // `run` has dropped the events' sender: the printer finishes what is queued and ends (a
+    // console that stopped reading is not waited for long).
+    let joined = tokio::task::spawn_blocking(move || printer.join());
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), joined).await;
     result.map_err(|e| e.to_string())
 }
