@@ -1,7 +1,8 @@
 //! The `ferry` binary as a user runs it: exit codes, messages, JSON lines, SIGKILL.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener as StdListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -31,32 +32,6 @@ fn start_relay() -> Relay {
         url,
         _runtime: runtime,
     }
-}
-
-/// A local app answering every request with `200 hello` (std only, one thread).
-fn start_origin() -> u16 {
-    let listener = StdListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        use std::io::{Read, Write};
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                let mut seen = Vec::new();
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = stream.write_all(
-                    b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello",
-                );
-            });
-        }
-    });
-    port
 }
 
 /// Lines of a child's stream, read on a thread.
@@ -213,7 +188,7 @@ fn answer_mode_options_are_checked() {
 
 #[test]
 fn unreachable_relay_is_retried_and_reported_on_each_attempt() {
-    let closed = StdListener::bind("127.0.0.1:0").unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);
     let mut child = ferry(&["listen", "3000", "--relay", &url, "--token", "t"]);
@@ -235,7 +210,10 @@ fn unreachable_relay_is_retried_and_reported_on_each_attempt() {
 #[test]
 fn json_lines_start_with_ready_and_a_sigkilled_name_is_taken_over() {
     let relay = start_relay();
-    let port = start_origin().to_string();
+    let port = common::start_origin(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello",
+    )
+    .to_string();
     let args = [
         "listen",
         &port,

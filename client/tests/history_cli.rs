@@ -1,8 +1,9 @@
 //! `ferry history`, `ferry show`, `ferry replay` and `--export` as a user runs them, against a
 //! relay with a store.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener as StdListener;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
@@ -238,36 +239,13 @@ impl Drop for Listen {
     }
 }
 
-/// A local app answering every request with `202 replayed`.
-fn start_origin() -> u16 {
-    let listener = StdListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        use std::io::{Read, Write};
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                let mut seen = Vec::new();
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = stream.write_all(
-                    b"HTTP/1.1 202 Accepted\r\ncontent-length: 8\r\nconnection: close\r\n\r\nreplayed",
-                );
-            });
-        }
-    });
-    port
-}
-
 #[test]
 fn replay_reaches_the_listening_app() {
     let relay = start_relay();
-    let port = start_origin().to_string();
+    let port = common::start_origin(
+        b"HTTP/1.1 202 Accepted\r\ncontent-length: 8\r\nconnection: close\r\n\r\nreplayed",
+    )
+    .to_string();
     let state = tempfile::tempdir().unwrap();
     let mut child = Listen(
         Command::new(env!("CARGO_BIN_EXE_ferry"))

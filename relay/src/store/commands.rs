@@ -22,6 +22,11 @@ pub(crate) struct Insert {
 }
 
 impl Insert {
+    /// The body's full length (at least what `body` holds).
+    fn full_len(&self) -> u64 {
+        self.body_len.max(self.body.len() as u64)
+    }
+
     /// `request` with its headers encoded (off the writer thread), in `state` or its own.
     pub(crate) fn new(request: super::NewRequest, state: Option<RequestState>) -> Self {
         Insert {
@@ -164,6 +169,7 @@ pub(crate) fn record_request(
         req.body.len().min(ctx.record_max_body)
     };
     let body = &req.body[..keep];
+    let full_len = req.full_len();
     let (provider, provider_id) = req.provider.unzip();
     conn.prepare_cached(
         "INSERT INTO requests (id, session_id, received_at, method, target, provider, provider_id,
@@ -181,8 +187,8 @@ pub(crate) fn record_request(
         provider_id,
         duplicate_of,
         req.state,
-        req.body_len.max(req.body.len() as u64),
-        (keep as u64) < req.body_len.max(req.body.len() as u64),
+        full_len,
+        (keep as u64) < full_len,
         to_i64(req.headers.len() + keep),
         req.headers,
         body,
@@ -523,6 +529,7 @@ pub(crate) fn record_exchange(
     let duplicate_of = first_with_provider_id(conn, &req)?;
     let keep = req.body.len().min(ctx.record_max_body);
     let body = &req.body[..keep];
+    let full_len = req.full_len();
     let (provider, provider_id) = req.provider.unzip();
     let (response, error) = match outcome {
         EncodedOutcome::Delivered(response) | EncodedOutcome::Rejected { response, .. } => {
@@ -557,8 +564,8 @@ pub(crate) fn record_exchange(
         provider_id,
         duplicate_of,
         state,
-        req.body_len.max(req.body.len() as u64),
-        (keep as u64) < req.body_len.max(req.body.len() as u64),
+        full_len,
+        (keep as u64) < full_len,
         to_i64(stored),
         req.headers,
         body,
