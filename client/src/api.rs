@@ -1,7 +1,6 @@
 //! A small client of the relay's history API (`/_ferry/v1/sessions/{session}/requests…`),
 //! used by `ferry history`, `ferry show` and `ferry replay`.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -124,21 +123,9 @@ impl HistoryApi {
         if !self.tls {
             return Ok(Box::new(tcp));
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let roots = rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        };
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS set-up failed: {e}"))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let name = rustls::pki_types::ServerName::try_from(self.host.clone())
-            .map_err(|_| format!("'{}' is not a valid TLS server name", self.host))?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-            .connect(name, tcp)
+        let tls = crate::tls::connect(&self.host, tcp)
             .await
-            .map_err(|e| format!("TLS handshake with {} failed: {e}", self.base))?;
+            .map_err(|e| format!("{e} (relay {})", self.base))?;
         Ok(Box::new(tls))
     }
 

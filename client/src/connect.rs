@@ -14,8 +14,10 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use ferry_mux::{MuxIo, Side};
+
 /// The relay's WebSocket.
-pub(crate) type RelaySocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub(crate) type RelaySocket = WebSocketStream<MuxIo<MaybeTlsStream<TcpStream>>>;
 
 /// How long the relay has to answer the handshake and the hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -95,15 +97,23 @@ pub(crate) async fn connect(
         HeaderValue::from_static(SUBPROTOCOL),
     );
 
-    let handshake =
-        tokio_tungstenite::connect_async_with_config(request, Some(websocket_config()), true);
+    let handshake = async {
+        let stream = open_stream(request.uri()).await?;
+        tokio_tungstenite::client_async_with_config(
+            request,
+            MuxIo::new(stream, Side::Client),
+            Some(websocket_config()),
+        )
+        .await
+        .map_err(classify)
+    };
     let (mut ws, _response) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Err(_) => {
             return Err(ConnectError::Transient(
                 "the relay did not answer the handshake in time".into(),
             ))
         }
-        Ok(Err(err)) => return Err(classify(err)),
+        Ok(Err(err)) => return Err(err),
         Ok(Ok(ok)) => ok,
     };
 
@@ -174,6 +184,27 @@ pub(crate) async fn connect(
             "the relay sent a malformed welcome: {err}"
         ))),
     }
+}
+
+/// TCP to the relay, then TLS for `wss://`.
+async fn open_stream(uri: &http::Uri) -> Result<MaybeTlsStream<TcpStream>, ConnectError> {
+    let host = uri
+        .host()
+        .ok_or_else(|| ConnectError::Fatal(format!("relay URL {uri} has no host")))?;
+    let tls = uri.scheme_str() == Some("wss");
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let bare_host = host.trim_start_matches('[').trim_end_matches(']');
+    let tcp = TcpStream::connect((bare_host, port))
+        .await
+        .map_err(|e| ConnectError::Transient(format!("IO error: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    if !tls {
+        return Ok(MaybeTlsStream::Plain(tcp));
+    }
+    let stream = crate::tls::connect(bare_host, tcp)
+        .await
+        .map_err(ConnectError::Transient)?;
+    Ok(MaybeTlsStream::Rustls(stream))
 }
 
 fn classify(err: tungstenite::Error) -> ConnectError {

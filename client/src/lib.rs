@@ -26,6 +26,7 @@ pub mod dedupe;
 pub mod events;
 mod forward;
 pub mod target;
+mod tls;
 
 pub use commands::run_command;
 pub use config::{Cli, Command, HistoryArgs, ListenArgs, OfflineArg, RelayArgs, ShowArgs};

@@ -9,10 +9,10 @@ use ferry_protocol::flow::{frame_cost, WINDOW_UPDATE_THRESHOLD};
 use ferry_protocol::Control;
 use http_body::{Frame, SizeHint};
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::PollSender;
 
 use crate::stream::{Inbound, Slot, StreamGuard};
+use crate::writer::Outgoing;
 
 /// Why a [`TunnelBody`] ended early.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -34,7 +34,7 @@ pub trait BodyTap: Send + Sync + 'static {
 pub struct TunnelBody {
     rx: mpsc::Receiver<Inbound>,
     slot: Arc<Slot>,
-    out: PollSender<Message>,
+    out: PollSender<Outgoing>,
     unreturned: u32,
     /// A message taken off the queue while looking for the end behind a chunk.
     lookahead: Option<Inbound>,
@@ -47,7 +47,7 @@ impl TunnelBody {
     pub(crate) fn new(
         rx: mpsc::Receiver<Inbound>,
         slot: Arc<Slot>,
-        out: mpsc::Sender<Message>,
+        out: mpsc::Sender<Outgoing>,
     ) -> Self {
         TunnelBody {
             rx,
@@ -102,7 +102,7 @@ impl TunnelBody {
                 stream: self.slot.id,
                 increment: self.unreturned,
             };
-            let _ = self.out.send_item(Message::text(msg.encode()));
+            let _ = self.out.send_item(Outgoing::Text(msg.encode()));
         }
         self.unreturned = 0;
         Poll::Ready(())

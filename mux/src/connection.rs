@@ -8,20 +8,19 @@ use std::time::Duration;
 use bytes::Bytes;
 use ferry_protocol::flow::MAX_FRAMES_IN_WINDOW;
 use ferry_protocol::{Control, DataFrame, ErrorCode};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::io::{MuxIo, WriteIo};
 use crate::stream::{DeliverError, Slot, StreamGuard, StreamSender};
+use crate::writer::{FrameWriter, Outgoing};
 use crate::{MuxError, TunnelBody};
 
 /// Payloads up to this size are copied out of the WebSocket's read buffer (see `on_data`).
@@ -29,6 +28,9 @@ const SMALL_PAYLOAD: usize = 8 * 1024;
 
 /// Most messages written between two flushes of the WebSocket.
 const MAX_BATCH: usize = 64;
+
+/// Most bytes gathered into one flush: beyond, what is gathered is written first.
+const MAX_BATCH_BYTES: usize = 512 * 1024;
 
 /// Settings of one multiplexed connection.
 #[derive(Debug, Clone)]
@@ -136,7 +138,7 @@ impl Shared {
 #[derive(Clone)]
 pub struct MuxHandle {
     shared: Arc<Shared>,
-    out: mpsc::Sender<Message>,
+    out: mpsc::Sender<Outgoing>,
 }
 
 impl MuxHandle {
@@ -194,7 +196,7 @@ impl MuxHandle {
     /// Sends a connection-level control message.
     pub async fn send_control(&self, msg: Control) -> Result<(), MuxError> {
         self.out
-            .send(Message::text(msg.encode()))
+            .send(Outgoing::Text(msg.encode()))
             .await
             .map_err(|_| MuxError::Closed(self.shared.close_reason()))
     }
@@ -247,7 +249,7 @@ impl Mux {
     /// Runs `ws` as a multiplexed connection. Returns its handle and a task that ends, with the
     /// reason, when the connection does.
     pub fn spawn<S, H>(
-        ws: WebSocketStream<S>,
+        ws: WebSocketStream<MuxIo<S>>,
         config: MuxConfig,
         handler: H,
     ) -> (MuxHandle, JoinHandle<String>)
@@ -263,7 +265,7 @@ impl Mux {
     /// requests may be queued at once), then [`PendingMux::start`] runs it. `greeting` is
     /// written before anything else queued on the connection.
     pub fn prepare<S, H>(
-        ws: WebSocketStream<S>,
+        ws: WebSocketStream<MuxIo<S>>,
         config: MuxConfig,
         handler: H,
         greeting: Option<Control>,
@@ -275,7 +277,7 @@ impl Mux {
         let (out_tx, out_rx) = mpsc::channel(config.send_queue);
         if let Some(greeting) = greeting {
             out_tx
-                .try_send(Message::text(greeting.encode()))
+                .try_send(Outgoing::Text(greeting.encode()))
                 .expect("a fresh queue has room");
         }
         let shared = Arc::new(Shared {
@@ -289,8 +291,10 @@ impl Mux {
             shared,
             out: out_tx,
         };
+        let writer = FrameWriter::new(ws.get_ref().take_writer(), ws.get_ref().side());
         let pending = PendingMux {
             ws,
+            writer,
             out_rx,
             handler,
             handle: handle.clone(),
@@ -301,8 +305,9 @@ impl Mux {
 
 /// A connection set up by [`Mux::prepare`], not yet running.
 pub struct PendingMux<S, H> {
-    ws: WebSocketStream<S>,
-    out_rx: mpsc::Receiver<Message>,
+    ws: WebSocketStream<MuxIo<S>>,
+    writer: FrameWriter<WriteIo<S>>,
+    out_rx: mpsc::Receiver<Outgoing>,
     handler: H,
     handle: MuxHandle,
 }
@@ -317,21 +322,21 @@ where
     pub fn start(self) -> JoinHandle<String> {
         let PendingMux {
             ws,
+            writer,
             out_rx,
             handler,
             handle,
         } = self;
-        let (sink, stream) = ws.split();
-        let writer = tokio::spawn(write_loop(sink, out_rx, handle.shared.clone()));
+        let writer = tokio::spawn(write_loop(writer, out_rx, handle.shared.clone()));
         tokio::spawn(async move {
-            read_loop(stream, &handle, &handler).await;
+            read_loop(ws, &handle, &handler).await;
             let _ = writer.await;
             handle.close_reason()
         })
     }
 }
 
-async fn read_loop<S, H>(mut stream: SplitStream<WebSocketStream<S>>, mux: &MuxHandle, handler: &H)
+async fn read_loop<S, H>(mut stream: WebSocketStream<MuxIo<S>>, mux: &MuxHandle, handler: &H)
 where
     S: AsyncRead + AsyncWrite + Unpin,
     H: ControlHandler,
@@ -456,11 +461,11 @@ fn on_control<H: ControlHandler>(mux: &MuxHandle, handler: &H, msg: Control) -> 
 }
 
 async fn write_loop<S>(
-    mut sink: SplitSink<WebSocketStream<S>, Message>,
-    mut out: mpsc::Receiver<Message>,
+    mut writer: FrameWriter<WriteIo<S>>,
+    mut out: mpsc::Receiver<Outgoing>,
     shared: Arc<Shared>,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncWrite + Unpin,
 {
     let mut ping = tokio::time::interval(shared.config.heartbeat_timeout / 4);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -469,17 +474,21 @@ async fn write_loop<S>(
             tokio::select! {
                 msg = out.recv() => {
                     let Some(msg) = msg else { return Ok(()) };
-                    sink.feed(msg).await.map_err(|e| e.to_string())?;
-                    // Batch what else is already queued into the same flush (a bounded
-                    // batch, so a busy queue cannot hold back what is already buffered).
+                    writer.queue(msg);
+                    // Batch what else is already queued into the same write (a bounded
+                    // batch, so a busy queue cannot hold back what is already encoded).
                     for _ in 0..MAX_BATCH {
+                        if writer.buffered() >= MAX_BATCH_BYTES {
+                            break;
+                        }
                         let Ok(msg) = out.try_recv() else { break };
-                        sink.feed(msg).await.map_err(|e| e.to_string())?;
+                        writer.queue(msg);
                     }
-                    sink.flush().await.map_err(|e| e.to_string())?;
+                    writer.flush().await.map_err(|e| e.to_string())?;
                 }
                 _ = ping.tick() => {
-                    sink.send(Message::Ping(Bytes::new())).await.map_err(|e| e.to_string())?;
+                    writer.queue_ping();
+                    writer.flush().await.map_err(|e| e.to_string())?;
                 }
             }
         }
@@ -500,23 +509,11 @@ async fn write_loop<S>(
     // Flush what was queued before the close (a last error message, say), then say goodbye.
     let goodbye = async {
         while let Ok(msg) = out.try_recv() {
-            sink.feed(msg).await?;
+            writer.queue(msg);
         }
-        let frame = CloseFrame {
-            code: CloseCode::Normal,
-            reason: shorten(&shared.close_reason()).into(),
-        };
-        sink.send(Message::Close(Some(frame))).await?;
-        sink.close().await
+        writer.queue_close(&shared.close_reason());
+        writer.flush().await?;
+        writer.shutdown().await
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), goodbye).await;
-}
-
-/// Close-frame reasons are limited to 123 bytes.
-fn shorten(reason: &str) -> String {
-    let mut end = reason.len().min(120);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    reason[..end].to_owned()
 }

@@ -14,10 +14,13 @@
 
 mod body;
 mod connection;
+mod io;
 mod stream;
+mod writer;
 
 pub use body::{BodyError, BodyTap, TunnelBody};
 pub use connection::{ControlHandler, Mux, MuxConfig, MuxHandle, MuxStats, PendingMux};
+pub use io::{MuxIo, Side};
 pub use stream::{PumpError, StreamGuard, StreamSender};
 
 /// Errors of a multiplexed connection.

@@ -10,10 +10,10 @@ use futures_util::FutureExt;
 use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::sync::{mpsc, oneshot, Semaphore};
-use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::connection::Shared;
+use crate::writer::Outgoing;
 use crate::MuxError;
 
 /// What the reader hands to a stream's [`TunnelBody`](crate::TunnelBody).
@@ -178,7 +178,7 @@ pub enum PumpError {
 #[derive(Clone)]
 pub struct StreamSender {
     pub(crate) slot: Arc<Slot>,
-    pub(crate) out: mpsc::Sender<Message>,
+    pub(crate) out: mpsc::Sender<Outgoing>,
 }
 
 impl StreamSender {
@@ -189,10 +189,10 @@ impl StreamSender {
 
     /// Sends a control message (a head, usually) on the connection.
     pub async fn send_control(&self, msg: Control) -> Result<(), MuxError> {
-        self.send(Message::text(msg.encode())).await
+        self.send(Outgoing::Text(msg.encode())).await
     }
 
-    async fn send(&self, msg: Message) -> Result<(), MuxError> {
+    async fn send(&self, msg: Outgoing) -> Result<(), MuxError> {
         tokio::select! {
             biased;
             _ = self.slot.cancel.cancelled() => Err(MuxError::Cancelled(self.slot.cancel_reason())),
@@ -217,8 +217,12 @@ impl StreamSender {
                     Err(_) => return Err(MuxError::Closed(self.slot.shared.close_reason())),
                 },
             }
-            let frame = DataFrame::encode(self.slot.id, end && last, &chunk);
-            self.send(Message::Binary(frame)).await?;
+            self.send(Outgoing::Data {
+                stream: self.slot.id,
+                end: end && last,
+                payload: chunk,
+            })
+            .await?;
             if last {
                 return Ok(());
             }
@@ -250,7 +254,7 @@ impl StreamSender {
         B::Error: std::fmt::Display,
     {
         let mut body = std::pin::pin!(body);
-        let head = Message::text(head.encode());
+        let head = Outgoing::Text(head.encode());
         let first = match body.frame().now_or_never() {
             Some(Some(Ok(frame))) => frame.into_data().ok().map(|data| (data, false)),
             Some(Some(Err(err))) => return Err(PumpError::Body(err.to_string())),
@@ -277,7 +281,11 @@ impl StreamSender {
         match credit {
             Some(credit) => {
                 credit.forget();
-                let frame = Message::Binary(DataFrame::encode(self.slot.id, end, &data));
+                let frame = Outgoing::Data {
+                    stream: self.slot.id,
+                    end,
+                    payload: data,
+                };
                 let mut permits = tokio::select! {
                     biased;
                     _ = self.slot.cancel.cancelled() => return Err(MuxError::Cancelled(self.slot.cancel_reason()).into()),
@@ -347,7 +355,7 @@ impl StreamSender {
 pub struct StreamGuard {
     pub(crate) slot: Arc<Slot>,
     pub(crate) shared: Arc<Shared>,
-    pub(crate) out: mpsc::Sender<Message>,
+    pub(crate) out: mpsc::Sender<Outgoing>,
     pub(crate) finished: AtomicBool,
 }
 
@@ -377,7 +385,7 @@ impl StreamGuard {
     }
 
     fn send_cancel(&self, reason: &str) {
-        let msg = Message::text(
+        let msg = Outgoing::Text(
             Control::Cancel {
                 stream: self.slot.id,
                 reason: reason.to_owned(),

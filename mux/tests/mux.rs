@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use ferry_mux::{ControlHandler, Mux, MuxConfig, MuxHandle};
+use ferry_mux::{ControlHandler, Mux, MuxConfig, MuxHandle, MuxIo, Side};
 use ferry_protocol::flow::{STREAM_WINDOW, WINDOW_UPDATE_THRESHOLD};
 use ferry_protocol::{Control, DataFrame};
 use futures_util::{FutureExt, SinkExt, StreamExt};
@@ -18,16 +18,16 @@ impl ControlHandler for Ignore {
     fn on_control(&self, _: &MuxHandle, _: Control) {}
 }
 
-async fn socket_pair() -> (WebSocketStream<DuplexStream>, WebSocketStream<DuplexStream>) {
+type Socket = WebSocketStream<MuxIo<DuplexStream>>;
+
+async fn socket_pair() -> (Socket, Socket) {
     socket_pair_with_buffer(64 * 1024).await
 }
 
-async fn socket_pair_with_buffer(
-    buffer: usize,
-) -> (WebSocketStream<DuplexStream>, WebSocketStream<DuplexStream>) {
+async fn socket_pair_with_buffer(buffer: usize) -> (Socket, Socket) {
     let (a, b) = tokio::io::duplex(buffer);
-    let a = WebSocketStream::from_raw_socket(a, Role::Server, None).await;
-    let b = WebSocketStream::from_raw_socket(b, Role::Client, None).await;
+    let a = WebSocketStream::from_raw_socket(MuxIo::new(a, Side::Server), Role::Server, None).await;
+    let b = WebSocketStream::from_raw_socket(MuxIo::new(b, Side::Client), Role::Client, None).await;
     (a, b)
 }
 

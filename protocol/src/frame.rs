@@ -36,11 +36,17 @@ pub struct DataFrame {
 }
 
 impl DataFrame {
+    /// The header in front of a frame's payload, for writers that send the payload from where
+    /// it is rather than copying it behind the header.
+    pub fn header(stream: u32, end: bool) -> [u8; FRAME_HEADER_LEN] {
+        let [a, b, c, d] = stream.to_be_bytes();
+        [a, b, c, d, if end { FLAG_END } else { 0 }]
+    }
+
     /// Encodes a frame carrying `payload` for `stream` into a fresh buffer.
     pub fn encode(stream: u32, end: bool, payload: &[u8]) -> Bytes {
         let mut buf = BytesMut::with_capacity(FRAME_HEADER_LEN + payload.len());
-        buf.put_u32(stream);
-        buf.put_u8(if end { FLAG_END } else { 0 });
+        buf.put_slice(&Self::header(stream, end));
         buf.put_slice(payload);
         buf.freeze()
     }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use ferry_mux::{ControlHandler, Mux, MuxConfig, MuxHandle};
+use ferry_mux::{ControlHandler, Mux, MuxConfig, MuxHandle, MuxIo, Side};
 use ferry_protocol::{
     validate_session_name, Control, ErrorCode, RespondPolicy, PROTOCOL_VERSION, SUBPROTOCOL,
     SUBPROTOCOL_PREFIX,
@@ -106,7 +106,7 @@ pub(crate) fn connect(relay: &Arc<Relay>, mut req: Request<Incoming>) -> Respons
         match upgrade.await {
             Ok(upgraded) => {
                 let ws = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
+                    MuxIo::new(TokioIo::new(upgraded), Side::Server),
                     Role::Server,
                     Some(websocket_config()),
                 )
@@ -160,7 +160,7 @@ where
     .await;
 }
 
-async fn serve<S>(relay: Arc<Relay>, owner: crate::auth::TokenId, mut ws: WebSocketStream<S>)
+async fn serve<S>(relay: Arc<Relay>, owner: crate::auth::TokenId, mut ws: WebSocketStream<MuxIo<S>>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {

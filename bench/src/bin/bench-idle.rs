@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
-use ferry_mux::{ControlHandler, Mux, MuxConfig, MuxHandle};
+use ferry_mux::{ControlHandler, Mux, MuxConfig, MuxHandle, MuxIo, Side};
 use ferry_protocol::{Control, CONNECT_PATH, PROTOCOL_VERSION, SUBPROTOCOL};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
@@ -135,8 +135,20 @@ async fn open(
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(0);
-    let (mut ws, _) =
-        tokio_tungstenite::connect_async_with_config(request, Some(config), true).await?;
+    let uri = request.uri();
+    let host = uri
+        .host()
+        .ok_or_else(|| anyhow!("no host in {uri}"))?
+        .to_owned();
+    let port = uri.port_u16().unwrap_or(80);
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+    tcp.set_nodelay(true)?;
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(
+        request,
+        MuxIo::new(tcp, Side::Client),
+        Some(config),
+    )
+    .await?;
     let hello = Control::Hello {
         version: PROTOCOL_VERSION,
         agent: concat!("ferry-bench/", env!("CARGO_PKG_VERSION")).to_owned(),
