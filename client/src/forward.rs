@@ -322,7 +322,7 @@ impl Forwarder {
         &self,
         request: Request<AppBody>,
     ) -> Result<http::Response<hyper::body::Incoming>, (StatusCode, &'static str, String)> {
-        let target = self.target.to_string();
+        let target = &self.target;
         match tokio::time::timeout(self.timeout, self.client.request(request)).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(err)) => {

@@ -34,7 +34,10 @@ pub trait BodyTap: Send + Sync + 'static {
 pub struct TunnelBody {
     rx: mpsc::Receiver<Inbound>,
     slot: Arc<Slot>,
-    out: PollSender<Outgoing>,
+    /// Where window updates go; made the first time one is due (most webhook bodies are
+    /// smaller than the update threshold and never send one).
+    out: Option<PollSender<Outgoing>>,
+    sender: mpsc::Sender<Outgoing>,
     unreturned: u32,
     /// A message taken off the queue while looking for the end behind a chunk.
     lookahead: Option<Inbound>,
@@ -52,7 +55,8 @@ impl TunnelBody {
         TunnelBody {
             rx,
             slot,
-            out: PollSender::new(out),
+            out: None,
+            sender: out,
             unreturned: 0,
             lookahead: None,
             done: false,
@@ -93,7 +97,10 @@ impl TunnelBody {
             return Poll::Ready(());
         }
         // If the connection is gone there is nobody to return credit to.
-        if ready!(self.out.poll_reserve(cx)).is_ok() {
+        let out = self
+            .out
+            .get_or_insert_with(|| PollSender::new(self.sender.clone()));
+        if ready!(out.poll_reserve(cx)).is_ok() {
             // Count the credit as returned before the peer can hear of it: once the update is
             // out, the peer may spend it and its data may arrive (on another thread) before
             // this one runs on, and it must find room for it.
@@ -102,7 +109,7 @@ impl TunnelBody {
                 stream: self.slot.id,
                 increment: self.unreturned,
             };
-            let _ = self.out.send_item(Outgoing::Text(msg.encode()));
+            let _ = out.send_item(Outgoing::Text(msg.encode()));
         }
         self.unreturned = 0;
         Poll::Ready(())

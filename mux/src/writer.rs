@@ -80,21 +80,23 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// Encodes `msg`; [`FrameWriter::flush`] writes it.
     pub(crate) fn queue(&mut self, msg: Outgoing) {
         match msg {
-            Outgoing::Text(text) => self.frame(OP_TEXT, &[Bytes::from(text)]),
+            Outgoing::Text(text) if text.len() <= GATHER_MAX => {
+                self.frame(OP_TEXT, text.as_bytes(), None);
+            }
+            Outgoing::Text(text) => self.frame(OP_TEXT, &[], Some(Bytes::from(text))),
             Outgoing::Data {
                 stream,
                 end,
                 payload,
             } => {
-                let header = Bytes::copy_from_slice(&DataFrame::header(stream, end));
-                self.frame(OP_BINARY, &[header, payload]);
+                self.frame(OP_BINARY, &DataFrame::header(stream, end), Some(payload));
             }
         }
     }
 
     /// Encodes a ping.
     pub(crate) fn queue_ping(&mut self) {
-        self.frame(OP_PING, &[]);
+        self.frame(OP_PING, &[], None);
     }
 
     /// Encodes a normal close with `reason` (at most 123 bytes; longer is cut).
@@ -106,11 +108,12 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         let mut payload = BytesMut::with_capacity(2 + end);
         payload.put_u16(CLOSE_NORMAL);
         payload.put_slice(&reason.as_bytes()[..end]);
-        self.frame(OP_CLOSE, &[payload.freeze()]);
+        self.frame(OP_CLOSE, &payload, None);
     }
 
-    fn frame(&mut self, opcode: u8, parts: &[Bytes]) {
-        let len: usize = parts.iter().map(Bytes::len).sum();
+    /// Encodes one frame whose payload is `head` (small: always gathered) then `body`.
+    fn frame(&mut self, opcode: u8, head: &[u8], body: Option<Bytes>) {
+        let len = head.len() + body.as_ref().map_or(0, Bytes::len);
         self.buffered += len + 14;
         self.gather.reserve(14);
         self.gather.put_u8(0x80 | opcode); // FIN: every message is one frame
@@ -127,25 +130,23 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         if self.side == Side::Client {
             let key: [u8; 4] = rand::random();
             self.gather.put_slice(&key);
+            let start = self.gather.len();
             self.gather.reserve(len);
-            let mut offset = 0;
-            for part in parts {
-                let start = self.gather.len();
-                self.gather.put_slice(part);
-                apply_mask(&mut self.gather[start..], key, offset);
-                offset += part.len();
+            self.gather.put_slice(head);
+            if let Some(body) = &body {
+                self.gather.put_slice(body);
             }
+            apply_mask(&mut self.gather[start..], key);
             return;
         }
-        for part in parts {
-            if part.len() <= GATHER_MAX {
-                self.gather.put_slice(part);
-            } else {
-                if !self.gather.is_empty() {
-                    self.ready.push_back(self.gather.split().freeze());
-                }
-                self.ready.push_back(part.clone());
+        self.gather.put_slice(head);
+        match body {
+            Some(body) if body.len() > GATHER_MAX => {
+                self.ready.push_back(self.gather.split().freeze());
+                self.ready.push_back(body);
             }
+            Some(body) => self.gather.put_slice(&body),
+            None => {}
         }
     }
 
@@ -199,10 +200,8 @@ fn advance(ready: &mut VecDeque<Bytes>, mut written: usize) {
     }
 }
 
-/// XORs `buf` with `key`, `buf` starting `offset` bytes into the payload.
-fn apply_mask(buf: &mut [u8], key: [u8; 4], offset: usize) {
-    let mut key = key;
-    key.rotate_left(offset % 4);
+/// XORs a frame's payload with its masking `key`.
+fn apply_mask(buf: &mut [u8], key: [u8; 4]) {
     let wide = u64::from_ne_bytes([
         key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3],
     ]);
@@ -229,11 +228,7 @@ mod tests {
     async fn round_trip(side: Side) {
         let (a, b) = tokio::io::duplex(1 << 20);
         let mut writer = FrameWriter::new(a, side);
-        let big = Bytes::from(
-            (0..65_536u32)
-                .map(|i| (i % 251) as u8)
-                .collect::<Vec<u8>>(),
-        );
+        let big = Bytes::from((0..65_536u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
         writer.queue(Outgoing::Text("{\"type\":\"x\"}".into()));
         writer.queue(Outgoing::Data {
             stream: 7,
@@ -250,6 +245,8 @@ mod tests {
             end: false,
             payload: Bytes::from(vec![3u8; 300]),
         });
+        let long_text = format!("{{\"pad\":\"{}\"}}", "x".repeat(3000));
+        writer.queue(Outgoing::Text(long_text.clone()));
         writer.queue_ping();
         writer.queue_close("bye");
         writer.flush().await.unwrap();
@@ -276,6 +273,10 @@ mod tests {
             panic!("binary expected")
         };
         assert_eq!(DataFrame::decode(frame).unwrap().payload, vec![3u8; 300]);
+        assert_eq!(
+            reader.next().await.unwrap().unwrap(),
+            Message::text(long_text)
+        );
         assert!(matches!(reader.next().await.unwrap().unwrap(), Message::Ping(p) if p.is_empty()));
         let Message::Close(Some(close)) = reader.next().await.unwrap().unwrap() else {
             panic!("close expected")
@@ -294,15 +295,13 @@ mod tests {
     }
 
     #[test]
-    fn mask_matches_bytewise_xor_at_any_offset() {
+    fn mask_matches_bytewise_xor() {
         let key = [0x12, 0x34, 0x56, 0x78];
         let data: Vec<u8> = (0..37u8).collect();
-        for offset in 0..4 {
-            let mut masked = data.clone();
-            apply_mask(&mut masked, key, offset);
-            for (i, (m, d)) in masked.iter().zip(&data).enumerate() {
-                assert_eq!(*m, d ^ key[(i + offset) % 4]);
-            }
+        let mut masked = data.clone();
+        apply_mask(&mut masked, key);
+        for (i, (m, d)) in masked.iter().zip(&data).enumerate() {
+            assert_eq!(*m, d ^ key[i % 4]);
         }
     }
 
