@@ -21,7 +21,7 @@ mod writer;
 pub use body::{BodyError, BodyTap, TunnelBody};
 pub use connection::{ControlHandler, Mux, MuxConfig, MuxHandle, MuxStats, PendingMux};
 pub use io::{MuxIo, Side};
-pub use stream::{PumpError, StreamGuard, StreamSender};
+pub use stream::{EncodedControl, PumpError, StreamGuard, StreamSender};
 
 /// Errors of a multiplexed connection.
 #[derive(Debug, Clone, thiserror::Error)]

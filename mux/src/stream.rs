@@ -174,6 +174,24 @@ pub enum PumpError {
     Mux(#[from] MuxError),
 }
 
+/// A control message encoded for the wire: lets a sender encode a message and still take its
+/// parts back afterwards (the relay keeps a request's headers for history without copying them).
+#[derive(Debug, Clone)]
+pub struct EncodedControl(String);
+
+impl EncodedControl {
+    /// Encodes `msg`.
+    pub fn new(msg: &Control) -> Self {
+        EncodedControl(msg.encode())
+    }
+}
+
+impl From<Control> for EncodedControl {
+    fn from(msg: Control) -> Self {
+        EncodedControl::new(&msg)
+    }
+}
+
 /// Sends one stream's body bytes and control messages, respecting the peer's window.
 #[derive(Clone)]
 pub struct StreamSender {
@@ -188,8 +206,8 @@ impl StreamSender {
     }
 
     /// Sends a control message (a head, usually) on the connection.
-    pub async fn send_control(&self, msg: Control) -> Result<(), MuxError> {
-        self.send(Outgoing::Text(msg.encode())).await
+    pub async fn send_control(&self, msg: impl Into<EncodedControl>) -> Result<(), MuxError> {
+        self.send(Outgoing::Text(msg.into().0)).await
     }
 
     async fn send(&self, msg: Outgoing) -> Result<(), MuxError> {
@@ -245,7 +263,7 @@ impl StreamSender {
     /// leave in one write and the peer sees head and body at once.
     pub async fn send_head_and_body<B>(
         &self,
-        head: Control,
+        head: impl Into<EncodedControl>,
         body: B,
         limit: Option<u64>,
     ) -> Result<u64, PumpError>
@@ -254,7 +272,7 @@ impl StreamSender {
         B::Error: std::fmt::Display,
     {
         let mut body = std::pin::pin!(body);
-        let head = Outgoing::Text(head.encode());
+        let head = Outgoing::Text(head.into().0);
         let first = match body.frame().now_or_never() {
             Some(Some(Ok(frame))) => frame.into_data().ok().map(|data| (data, false)),
             Some(Some(Err(err))) => return Err(PumpError::Body(err.to_string())),

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use ferry_mux::{MuxError, PumpError};
+use ferry_mux::{EncodedControl, MuxError, PumpError};
 use ferry_protocol::{Control, HttpVersion, RequestHead};
 use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
 use http_body::Body as _;
@@ -198,11 +198,8 @@ async fn pass(
             relay.config.record_max_body,
         )
     });
-    if let Some(exchange) = exchange.as_mut() {
-        exchange.headers = headers.clone();
-    }
     let body = Tee::new(body, exchange.as_ref().map(|e| e.request_body.clone()));
-    let head = RequestHead {
+    let head = Control::RequestHead(RequestHead {
         stream: stream_id,
         method: parts.method.as_str().to_owned(),
         target: target.to_owned(),
@@ -210,8 +207,13 @@ async fn pass(
         headers,
         has_body,
         delivery: None,
-    };
-    let mut head = Some(Control::RequestHead(head));
+    });
+    // Encoded now, so that history can take the headers over rather than a copy of them.
+    let encoded = EncodedControl::new(&head);
+    if let (Some(exchange), Control::RequestHead(head)) = (exchange.as_mut(), head) {
+        exchange.headers = head.headers;
+    }
+    let mut head = Some(encoded);
     if !has_body {
         if let Err(err) = sender.send_control(head.take().expect("head")).await {
             return disconnected(session_id, &err.to_string());
