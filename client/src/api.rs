@@ -9,7 +9,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
+
+use crate::tls::OpenError;
 
 /// How long one API call may take, connection included.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -116,17 +117,13 @@ impl HistoryApi {
 
     /// Opens a connection to the relay: TCP, then TLS for `https://`.
     async fn connect(&self) -> Result<Box<dyn Io>, String> {
-        let tcp = TcpStream::connect((self.host.as_str(), self.port))
+        let stream = crate::tls::open(&self.host, self.port, self.tls)
             .await
-            .map_err(|e| format!("cannot reach the relay at {}: {e}", self.base))?;
-        let _ = tcp.set_nodelay(true);
-        if !self.tls {
-            return Ok(Box::new(tcp));
-        }
-        let tls = crate::tls::connect(&self.host, tcp)
-            .await
-            .map_err(|e| format!("{e} (relay {})", self.base))?;
-        Ok(Box::new(tls))
+            .map_err(|e| match e {
+                OpenError::Tcp(e) => format!("cannot reach the relay at {}: {e}", self.base),
+                OpenError::Tls(e) => format!("{e} (relay {})", self.base),
+            })?;
+        Ok(Box::new(stream))
     }
 
     async fn call(&self, method: Method, rest: &str) -> Result<Value, String> {

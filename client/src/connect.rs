@@ -16,6 +16,8 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use ferry_mux::{MuxIo, Side};
 
+use crate::tls::OpenError;
+
 /// The relay's WebSocket.
 pub(crate) type RelaySocket = WebSocketStream<MuxIo<MaybeTlsStream<TcpStream>>>;
 
@@ -194,17 +196,12 @@ async fn open_stream(uri: &http::Uri) -> Result<MaybeTlsStream<TcpStream>, Conne
     let tls = uri.scheme_str() == Some("wss");
     let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
     let bare_host = host.trim_start_matches('[').trim_end_matches(']');
-    let tcp = TcpStream::connect((bare_host, port))
+    crate::tls::open(bare_host, port, tls)
         .await
-        .map_err(|e| ConnectError::Transient(format!("IO error: {e}")))?;
-    let _ = tcp.set_nodelay(true);
-    if !tls {
-        return Ok(MaybeTlsStream::Plain(tcp));
-    }
-    let stream = crate::tls::connect(bare_host, tcp)
-        .await
-        .map_err(ConnectError::Transient)?;
-    Ok(MaybeTlsStream::Rustls(stream))
+        .map_err(|e| match e {
+            OpenError::Tcp(e) => ConnectError::Transient(format!("IO error: {e}")),
+            OpenError::Tls(e) => ConnectError::Transient(e),
+        })
 }
 
 fn classify(err: tungstenite::Error) -> ConnectError {
