@@ -69,6 +69,7 @@ pub trait ControlHandler: Send + Sync + 'static {
 pub struct MuxStats {
     peak_buffered: AtomicUsize,
     frames_received: AtomicU64,
+    writes: AtomicU64,
 }
 
 impl MuxStats {
@@ -85,6 +86,12 @@ impl MuxStats {
     pub fn frames_received(&self) -> u64 {
         self.frames_received.load(Ordering::Relaxed)
     }
+
+    /// Batches of queued frames written to the socket (each one write, or a few when the
+    /// socket takes it in parts): with many streams busy, far fewer than the frames sent.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
 }
 
 /// State shared by the tasks and handles of one connection.
@@ -99,6 +106,10 @@ pub(crate) struct Shared {
 impl Shared {
     pub(crate) fn remove(&self, id: u32) {
         self.streams.lock().expect("stream table").remove(&id);
+    }
+
+    fn open_streams(&self) -> usize {
+        self.streams.lock().expect("stream table").len()
     }
 
     fn get(&self, id: u32) -> Option<Arc<Slot>> {
@@ -233,7 +244,7 @@ impl MuxHandle {
 
     /// Number of streams open right now.
     pub fn open_streams(&self) -> usize {
-        self.shared.streams.lock().expect("stream table").len()
+        self.shared.open_streams()
     }
 
     /// The connection's counters.
@@ -475,6 +486,11 @@ async fn write_loop<S>(
                 msg = out.recv() => {
                     let Some(msg) = msg else { return Ok(()) };
                     writer.queue(msg);
+                    // Other streams open: let the tasks that are ready run first, so that
+                    // what they send shares this write (and the peer's wake-up).
+                    if shared.open_streams() > 1 {
+                        tokio::task::yield_now().await;
+                    }
                     // Batch what else is already queued into the same write (a bounded
                     // batch, so a busy queue cannot hold back what is already encoded).
                     for _ in 0..MAX_BATCH {
@@ -485,6 +501,7 @@ async fn write_loop<S>(
                         writer.queue(msg);
                     }
                     writer.flush().await.map_err(|e| e.to_string())?;
+                    shared.stats.writes.fetch_add(1, Ordering::Relaxed);
                 }
                 _ = ping.tick() => {
                     writer.queue_ping();
