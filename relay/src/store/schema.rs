@@ -146,6 +146,9 @@ pub(crate) fn open_writer(path: &Path, busy_timeout: Duration, check: bool) -> R
 
 fn setup_writer(conn: &Connection, path: &Path, busy_timeout: Duration, check: bool) -> Result<()> {
     conn.busy_timeout(busy_timeout)?;
+    // Room for every statement the writer runs (about 30, transaction control included), so
+    // none is parsed again because another pushed it out of the cache (rusqlite keeps 16).
+    conn.set_prepared_statement_cache_capacity(64);
     // 16 KiB pages rather than 4: a history row (a webhook with its body) is one to two KiB, so
     // a page holds eight of them instead of two, and inserts split pages, rebalance the tree and
     // write WAL frame headers a quarter as often (docs/BENCHMARKS.md). Only a new, empty file

@@ -250,7 +250,7 @@ fn run(
 /// Runs `batch` in one transaction and answers every job.
 fn run_batch(conn: &Connection, ctx: &mut WriterCtx, batch: &mut Vec<Job>, counters: &Counters) {
     let count = batch.len() as u64;
-    if let Err(err) = conn.execute_batch("BEGIN IMMEDIATE") {
+    if let Err(err) = run_cached(conn, "BEGIN IMMEDIATE") {
         let error = err.to_string();
         warn!(%error, "store: cannot begin a transaction");
         for job in batch.drain(..) {
@@ -262,7 +262,7 @@ fn run_batch(conn: &Connection, ctx: &mut WriterCtx, batch: &mut Vec<Job>, count
     for job in batch.drain(..) {
         answers.push(run_one(conn, ctx, job));
     }
-    let commit = conn.execute_batch("COMMIT").map_err(|err| {
+    let commit = run_cached(conn, "COMMIT").map_err(|err| {
         let error = err.to_string();
         warn!(%error, "store: commit failed; the batch is lost");
         let _ = conn.execute_batch("ROLLBACK");
@@ -277,15 +277,21 @@ fn run_batch(conn: &Connection, ctx: &mut WriterCtx, batch: &mut Vec<Job>, count
     }
 }
 
+/// Runs one of the statements every batch or command runs, parsed once per connection.
+fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
+}
+
 /// Runs one job inside a savepoint; a failed or panicking job leaves no trace in the database.
 fn run_one(conn: &Connection, ctx: &mut WriterCtx, job: Job) -> Answer {
-    if let Err(err) = conn.execute_batch("SAVEPOINT command") {
+    if let Err(err) = run_cached(conn, "SAVEPOINT command") {
         job.abort(&err.to_string());
         return Box::new(|_| {});
     }
     match catch_unwind(AssertUnwindSafe(|| job.run(conn, ctx))) {
         Ok((false, answer)) => {
-            let _ = conn.execute_batch("RELEASE command");
+            let _ = run_cached(conn, "RELEASE command");
             answer
         }
         Ok((true, answer)) => {
