@@ -11,8 +11,9 @@
 #   (cd /tmp/old && CARGO_TARGET_DIR=/tmp/old-target cargo build --release -p ferry-relay -p ferry)
 #   bench/ab.sh /tmp/old-target/release target/release
 #
-# Each round runs wrk -t2 -c64 for BENCH_DURATION (default 5s, after a 1 s warm-up) with a
-# 1 KiB POST through relay and client to bench-origin, and prints requests/s and the relay's and
+# Each round runs wrk -t2 with BENCH_CONNS connections (default 64) for BENCH_DURATION (default
+# 5s, after a 1 s warm-up), POSTing BENCH_SIZE bytes (default 1024) through relay and client to
+# bench-origin, and prints requests/s and the relay's and
 # the client's CPU microseconds per request (/proc/PID/stat). Builds that know `--data-dir` and
 # `--state-dir` get fresh ones in a temporary directory. Needs wrk, python3 and a release build
 # of ferry-bench (for bench-origin).
@@ -49,7 +50,9 @@ wait_for() {
 # knows OPTION CMD...: whether CMD's help mentions OPTION.
 knows() { local option=$1; shift; "$@" --help 2>&1 | grep -q -- "$option"; }
 
-head -c 1024 /dev/urandom | base64 -w0 | head -c 1024 >"$WORK/body.json"
+SIZE=${BENCH_SIZE:-1024}
+CONNS=${BENCH_CONNS:-64}
+python3 -c 'import base64, os, sys; n = int(sys.argv[1]); sys.stdout.write(base64.b64encode(os.urandom(n))[:n].decode())' "$SIZE" >"$WORK/body.json"
 ORIGIN_PORT=$(free_port)
 "$ORIGIN_BIN" --listen "127.0.0.1:$ORIGIN_PORT" >"$WORK/origin.log" 2>&1 &
 PIDS+=($!)
@@ -71,9 +74,9 @@ round() {
   PIDS+=("$client")
   wait_for "$WORK/client-$n.log" '"event":"ready"'
   local url="http://127.0.0.1:$port/ab-test/hook"
-  WRK_BODY_FILE="$WORK/body.json" wrk -t2 -c64 -d1s -s "$ROOT/bench/wrk/post.lua" "$url" >/dev/null
+  WRK_BODY_FILE="$WORK/body.json" wrk -t2 -c"$CONNS" -d1s -s "$ROOT/bench/wrk/post.lua" "$url" >/dev/null
   r0=$(ticks "$relay"); c0=$(ticks "$client")
-  line=$(WRK_BODY_FILE="$WORK/body.json" wrk -t2 -c64 -d"$DUR" -s "$ROOT/bench/wrk/post.lua" "$url" | grep '^BENCH ')
+  line=$(WRK_BODY_FILE="$WORK/body.json" wrk -t2 -c"$CONNS" -d"$DUR" -s "$ROOT/bench/wrk/post.lua" "$url" | grep '^BENCH ')
   r1=$(ticks "$relay"); c1=$(ticks "$client")
   count=$(sed -n 's/.* requests=\([0-9]*\).*/\1/p' <<<"$line")
   local tck; tck=$(getconf CLK_TCK)
