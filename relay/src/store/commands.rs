@@ -1,6 +1,6 @@
 //! Write commands: each runs on the writer thread, inside the batch's transaction.
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, Statement};
 
 use super::error::{Result, StoreError};
 use super::ids::RequestId;
@@ -513,11 +513,23 @@ pub(crate) fn session_exists(conn: &Connection, id: &str) -> Result<bool> {
         .exists([id])?)
 }
 
+/// Inserts a passed-through request with its outcome (see [`record_exchange`]); prepared once
+/// per batch of history.
+pub(crate) const INSERT_EXCHANGE: &str =
+    "INSERT INTO requests (id, session_id, received_at, method, target, provider, provider_id,
+                           duplicate_of, state, attempts, next_attempt_at, body_len,
+                           body_truncated, stored_bytes, headers, body, status, delivered_at,
+                           duration_ms, response_headers, response_body, response_body_len,
+                           response_body_truncated, error)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, ?3, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
+             ?17, ?18, ?19, ?20, ?21, ?22)";
+
 /// Records a request that was passed straight through, with how its exchange ended, as one
 /// finished delivery attempt: one row in `requests` (response included) and one in `attempts`,
 /// written once rather than inserted and then updated three times.
 pub(crate) fn record_exchange(
     conn: &Connection,
+    insert: &mut Statement<'_>,
     ctx: &mut WriterCtx,
     req: Insert,
     outcome: &EncodedOutcome,
@@ -545,16 +557,7 @@ pub(crate) fn record_exchange(
     };
     let response_keep = response.map_or(0, |r| r.body.len().min(ctx.record_max_body));
     let stored = req.headers.len() + keep + response.map_or(0, |r| r.headers.len()) + response_keep;
-    conn.prepare_cached(
-        "INSERT INTO requests (id, session_id, received_at, method, target, provider, provider_id,
-                               duplicate_of, state, attempts, next_attempt_at, body_len,
-                               body_truncated, stored_bytes, headers, body, status, delivered_at,
-                               duration_ms, response_headers, response_body, response_body_len,
-                               response_body_truncated, error)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, ?3, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                 ?17, ?18, ?19, ?20, ?21, ?22)",
-    )?
-    .execute(params![
+    insert.execute(params![
         id,
         req.session_id,
         req.received_at,

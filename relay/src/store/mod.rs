@@ -333,6 +333,7 @@ impl Store {
                 // Sessions already seen to exist in this batch (most batches hold one).
                 let mut known: Vec<String> = Vec::new();
                 let mut total = 0;
+                let mut statement = conn.prepare_cached(commands::INSERT_EXCHANGE)?;
                 for (insert, outcome) in items {
                     if !known.contains(&insert.session_id) {
                         if !commands::session_exists(conn, &insert.session_id)? {
@@ -345,7 +346,14 @@ impl Store {
                     // database itself (I/O, full disk): then the whole batch fails and is
                     // rolled back. (A savepoint per exchange would cost a sub-journal write
                     // of every page it touches: a third of the writer's time.)
-                    let (id, stored) = commands::record_exchange(conn, ctx, insert, &outcome, now)?;
+                    let (id, stored) = commands::record_exchange(
+                        conn,
+                        &mut statement,
+                        ctx,
+                        insert,
+                        &outcome,
+                        now,
+                    )?;
                     total += stored;
                     results.push(Ok(id));
                 }
