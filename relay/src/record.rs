@@ -184,8 +184,10 @@ const MAX_PENDING: usize = 8192;
 /// Most exchanges written in one store command.
 const MAX_BATCH: usize = 2048;
 
-/// Pause between two history writes, so that exchanges are written in large batches.
-const GATHER: std::time::Duration = std::time::Duration::from_millis(50);
+/// Pause between two history writes, so that exchanges are written in batches. Longer pauses
+/// make larger transactions but keep more records alive in memory: at 50 ms the relay's
+/// allocations came from cold memory (docs/BENCHMARKS.md, finding 16); 10 ms measured best.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Hands finished exchanges to a background task that writes them to the store in batches.
 #[derive(Clone)]
