@@ -15,7 +15,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use crate::store::{NewRequest, Outcome, RequestState, Response, Store};
+use crate::store::{EncodedExchange, NewRequest, Outcome, RequestState, Response, Store};
 
 /// Default of `--record-buffer`: body bytes held for history at once, over all exchanges, kept
 /// and not yet written. Beyond it, bodies are kept only in part (their records say so), so
@@ -192,22 +192,19 @@ const GATHER: std::time::Duration = std::time::Duration::from_millis(10);
 /// Hands finished exchanges to a background task that writes them to the store in batches.
 #[derive(Clone)]
 pub(crate) struct Recorder {
-    tx: mpsc::Sender<(NewRequest, Outcome, Held)>,
+    tx: mpsc::Sender<(EncodedExchange, Held)>,
     budget: Budget,
 }
 
 impl Recorder {
     /// Starts the writing task for `store`; it ends when every [`Recorder`] clone is gone.
     pub(crate) fn start(store: Store, buffer: usize) -> Recorder {
-        let (tx, mut rx) = mpsc::channel::<(NewRequest, Outcome, Held)>(MAX_PENDING);
+        let (tx, mut rx) = mpsc::channel::<(EncodedExchange, Held)>(MAX_PENDING);
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(MAX_BATCH);
             while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-                let (exchanges, held): (Vec<_>, Vec<_>) = batch
-                    .drain(..)
-                    .map(|(request, outcome, held)| ((request, outcome), held))
-                    .unzip();
-                let result = store.record_exchanges(exchanges).await;
+                let (exchanges, held): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
+                let result = store.record_encoded(exchanges).await;
                 drop(held); // written (or given up on): the bodies' budget is free again
                 match result {
                     Ok(results) => {
@@ -319,7 +316,10 @@ impl Exchange {
             RequestState::Delivering,
         );
         request.body_len = body_len;
-        if self.recorder.tx.try_send((request, outcome, held)).is_err() {
+        // Encoded now, while its pieces are fresh in the cache: what waits for the batch is a
+        // few buffers instead of every header's name and value.
+        let exchange = EncodedExchange::new(request, outcome);
+        if self.recorder.tx.try_send((exchange, held)).is_err() {
             debug!("history writer is behind; a passed-through request is not recorded");
         }
     }

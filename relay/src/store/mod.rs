@@ -313,18 +313,27 @@ impl Store {
         &self,
         exchanges: Vec<(NewRequest, Outcome)>,
     ) -> Result<Vec<Result<RequestId>>> {
-        let mut weight = 0;
-        let items: Vec<(Insert, EncodedOutcome)> = exchanges
+        let items = exchanges
             .into_iter()
-            .map(|(request, outcome)| {
-                let insert = Insert::new(request, Some(RequestState::Delivering));
-                let outcome = EncodedOutcome::new(outcome);
-                weight += insert.headers.len()
-                    + insert.body.len().min(self.inner.record_max_body)
-                    + outcome.weight().min(self.inner.record_max_body);
-                (insert, outcome)
-            })
+            .map(|(request, outcome)| EncodedExchange::new(request, outcome))
             .collect();
+        self.record_encoded(items).await
+    }
+
+    /// [`Store::record_exchanges`] for exchanges already encoded, which is what the relay
+    /// keeps while a batch gathers: a few buffers per exchange instead of every header's.
+    pub(crate) async fn record_encoded(
+        &self,
+        items: Vec<EncodedExchange>,
+    ) -> Result<Vec<Result<RequestId>>> {
+        let weight = items
+            .iter()
+            .map(|item| {
+                item.insert.headers.len()
+                    + item.insert.body.len().min(self.inner.record_max_body)
+                    + item.outcome.weight().min(self.inner.record_max_body)
+            })
+            .sum();
         self.inner
             .writer
             .call_lazy(weight, move |conn, ctx| {
@@ -334,7 +343,7 @@ impl Store {
                 let mut known: Vec<String> = Vec::new();
                 let mut total = 0;
                 let mut statement = conn.prepare_cached(commands::INSERT_EXCHANGE)?;
-                for (insert, outcome) in items {
+                for EncodedExchange { insert, outcome } in items {
                     if !known.contains(&insert.session_id) {
                         if !commands::session_exists(conn, &insert.session_id)? {
                             results.push(Err(StoreError::UnknownSession(insert.session_id)));
@@ -552,6 +561,23 @@ impl Store {
             })
             .await?;
         Ok(report)
+    }
+}
+
+/// A passed-through request and how its exchange ended, encoded for the store (header lists
+/// as the blobs the rows hold), waiting for [`Store::record_encoded`].
+pub(crate) struct EncodedExchange {
+    insert: Insert,
+    outcome: EncodedOutcome,
+}
+
+impl EncodedExchange {
+    /// Encodes `request` (recorded as delivered through) and its `outcome`.
+    pub(crate) fn new(request: NewRequest, outcome: Outcome) -> Self {
+        EncodedExchange {
+            insert: Insert::new(request, Some(RequestState::Delivering)),
+            outcome: EncodedOutcome::new(outcome),
+        }
     }
 }
 
