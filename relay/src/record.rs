@@ -194,11 +194,14 @@ const GATHER: std::time::Duration = std::time::Duration::from_millis(10);
 pub(crate) struct Recorder {
     tx: mpsc::Sender<(EncodedExchange, Held)>,
     budget: Budget,
+    /// Most body bytes kept per request or response (`--record-max-body`).
+    max_body: usize,
 }
 
 impl Recorder {
     /// Starts the writing task for `store`; it ends when every [`Recorder`] clone is gone.
     pub(crate) fn start(store: Store, buffer: usize) -> Recorder {
+        let max_body = store.record_max_body();
         let (tx, mut rx) = mpsc::channel::<(EncodedExchange, Held)>(MAX_PENDING);
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -222,6 +225,7 @@ impl Recorder {
         Recorder {
             tx,
             budget: Budget::new(buffer),
+            max_body,
         }
     }
 }
@@ -316,9 +320,9 @@ impl Exchange {
             RequestState::Delivering,
         );
         request.body_len = body_len;
-        // Encoded now, while its pieces are fresh in the cache: what waits for the batch is a
-        // few buffers instead of every header's name and value.
-        let exchange = EncodedExchange::new(request, outcome);
+        // Encoded now, while its pieces are fresh in the cache: what waits for the batch is one
+        // buffer (whose body bytes `held` still counts) instead of every header and body chunk.
+        let exchange = EncodedExchange::new(request, outcome, self.recorder.max_body);
         if self.recorder.tx.try_send((exchange, held)).is_err() {
             debug!("history writer is behind; a passed-through request is not recorded");
         }

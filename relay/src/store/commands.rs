@@ -1,6 +1,6 @@
 //! Write commands: each runs on the writer thread, inside the batch's transaction.
 
-use rusqlite::{params, Connection, OptionalExtension, Statement};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use super::error::{Result, StoreError};
 use super::ids::RequestId;
@@ -213,6 +213,10 @@ pub(crate) fn start_attempt(
     replay: bool,
     now: i64,
 ) -> Result<u32> {
+    if replay {
+        // A request passed straight through is in a history block until it changes.
+        super::blocks::take_out(conn, id)?;
+    }
     let truncated: bool = conn
         .prepare_cached("SELECT body_truncated FROM requests WHERE id = ?1")?
         .query_row([id], |row| row.get(0))
@@ -429,14 +433,12 @@ pub(crate) fn recover_interrupted(conn: &Connection, now: i64) -> Result<u64> {
     Ok(requeued as u64)
 }
 
-/// The smallest id made at `ms`: every id made before sorts below it.
-fn first_id_at(ms: i64) -> RequestId {
-    RequestId::from(ulid::Ulid::from_parts(u64::try_from(ms).unwrap_or(0), 0))
-}
+use super::blocks::first_id_at;
 
 /// Deletes up to `limit` of the oldest requests received before `cutoff` (except those being
-/// delivered right now). Returns how many went.
-pub(crate) fn prune_by_age(conn: &Connection, cutoff: i64, limit: usize) -> Result<u64> {
+/// delivered right now) and up to `limit` of the oldest history blocks all received before it.
+/// Returns how many requests went and whether there may be more to delete.
+pub(crate) fn prune_by_age(conn: &Connection, cutoff: i64, limit: usize) -> Result<(u64, bool)> {
     let deleted = conn
         .prepare_cached(
             // An id is made when the request is recorded, never before it arrived: the id
@@ -447,7 +449,10 @@ pub(crate) fn prune_by_age(conn: &Connection, cutoff: i64, limit: usize) -> Resu
                 ORDER BY id LIMIT ?3)",
         )?
         .execute(params![first_id_at(cutoff), cutoff, to_i64(limit)])?;
-    Ok(deleted as u64)
+    let (in_blocks, blocks) = super::blocks::prune_by_age(conn, cutoff, limit)?;
+    // Done when neither rows nor blocks filled their share.
+    let more = deleted >= limit || blocks >= limit;
+    Ok((deleted as u64 + in_blocks, more))
 }
 
 /// Deletes the oldest delivered or failed requests, up to `limit` of them, until the stored
@@ -461,26 +466,41 @@ pub(crate) fn prune_by_size(
     if total <= max_bytes {
         return Ok((0, true));
     }
-    let mut victims: Vec<RequestId> = Vec::new();
-    {
-        let mut stmt = conn.prepare_cached(
+    // The oldest of rows and history blocks together, oldest first.
+    let rows: Vec<(RequestId, u64)> = conn
+        .prepare_cached(
             "SELECT id, stored_bytes FROM requests WHERE state IN ('delivered', 'failed')
              ORDER BY id LIMIT ?1",
-        )?;
-        let mut rows = stmt.query([to_i64(limit)])?;
-        while total > max_bytes {
-            let Some(row) = rows.next()? else { break };
-            victims.push(row.get(0)?);
-            total = total.saturating_sub(row.get::<_, u64>(1)?);
+        )?
+        .query_map([to_i64(limit)], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let blocks = super::blocks::oldest(conn, limit)?;
+    let (mut rows, mut blocks) = (rows.into_iter().peekable(), blocks.into_iter().peekable());
+    let mut delete_row = conn.prepare_cached("DELETE FROM requests WHERE id = ?1")?;
+    let (mut units, mut requests) = (0, 0);
+    while total > max_bytes && units < limit {
+        let take_row = match (rows.peek(), blocks.peek()) {
+            (Some((row, _)), Some((block, _, _))) => row < block,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => break,
+        };
+        if take_row {
+            let (id, bytes) = rows.next().expect("peeked");
+            delete_row.execute([id])?;
+            total = total.saturating_sub(bytes);
+            requests += 1;
+        } else {
+            let (first_id, bytes, count) = blocks.next().expect("peeked");
+            super::blocks::delete(conn, first_id)?;
+            total = total.saturating_sub(bytes);
+            requests += count;
         }
-    }
-    let mut delete = conn.prepare_cached("DELETE FROM requests WHERE id = ?1")?;
-    for id in &victims {
-        delete.execute([id])?;
+        units += 1;
     }
     let reached = total <= max_bytes;
     // Reached, or nothing more that may be deleted.
-    Ok((victims.len() as u64, reached || victims.len() < limit))
+    Ok((requests, reached || units < limit))
 }
 
 /// Returns free pages to the file system after a prune.
@@ -513,8 +533,8 @@ pub(crate) fn session_exists(conn: &Connection, id: &str) -> Result<bool> {
         .exists([id])?)
 }
 
-/// Inserts a passed-through request with its outcome (see [`record_exchange`]); prepared once
-/// per batch of history.
+/// Inserts a request passed straight through, with its response and its one (implied)
+/// attempt: how a history block's record becomes a row of its own (`blocks::take_out`).
 pub(crate) const INSERT_EXCHANGE: &str =
     "INSERT INTO requests (id, session_id, received_at, method, target, provider, provider_id,
                            duplicate_of, state, attempts, next_attempt_at, body_len,
@@ -523,64 +543,3 @@ pub(crate) const INSERT_EXCHANGE: &str =
                            response_body_truncated, error)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, ?3, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
              ?17, ?18, ?19, ?20, ?21, ?22)";
-
-/// Records a request that was passed straight through, with how its exchange ended, as one
-/// finished delivery attempt: one row in `requests` (response included) and one in `attempts`,
-/// written once rather than inserted and then updated three times.
-pub(crate) fn record_exchange(
-    conn: &Connection,
-    insert: &mut Statement<'_>,
-    ctx: &mut WriterCtx,
-    req: Insert,
-    outcome: &EncodedOutcome,
-    now: i64,
-) -> Result<(RequestId, usize)> {
-    // The caller has checked that the session exists, and adds the returned stored bytes to
-    // the usage total.
-    let id = ctx.ids.next_id();
-    let duplicate_of = first_with_provider_id(conn, &req)?;
-    let keep = req.body.len().min(ctx.record_max_body);
-    let body = &req.body[..keep];
-    let full_len = req.full_len();
-    let (provider, provider_id) = req.provider.unzip();
-    let (response, error) = match outcome {
-        EncodedOutcome::Delivered(response) | EncodedOutcome::Rejected { response, .. } => {
-            (Some(response), None)
-        }
-        EncodedOutcome::Error { error, .. } => (None, Some(error.as_str())),
-    };
-    let delivered = matches!(outcome, EncodedOutcome::Delivered(_));
-    let state = if delivered {
-        RequestState::Delivered
-    } else {
-        RequestState::Failed
-    };
-    let response_keep = response.map_or(0, |r| r.body.len().min(ctx.record_max_body));
-    let stored = req.headers.len() + keep + response.map_or(0, |r| r.headers.len()) + response_keep;
-    insert.execute(params![
-        id,
-        req.session_id,
-        req.received_at,
-        req.method,
-        req.target,
-        provider,
-        provider_id,
-        duplicate_of,
-        state,
-        full_len,
-        (keep as u64) < full_len,
-        to_i64(stored),
-        req.headers,
-        body,
-        response.map(|r| r.status),
-        delivered.then_some(now),
-        response.map(|r| i64::try_from(r.duration_ms).unwrap_or(i64::MAX)),
-        response.map(|r| r.headers.as_slice()),
-        response.map(|r| &r.body[..response_keep]),
-        response.map(|r| r.body_len.max(r.body.len() as u64)),
-        response.map(|r| (response_keep as u64) < r.body_len.max(r.body.len() as u64)),
-        error,
-    ])?;
-    // Its one attempt is implied by the row (see `queries::get`), not written to `attempts`.
-    Ok((id, stored))
-}

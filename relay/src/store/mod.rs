@@ -53,6 +53,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::{info, warn};
 
+mod block_codec;
+mod blocks;
 mod codec;
 mod commands;
 mod error;
@@ -78,6 +80,7 @@ pub use records::{
 };
 pub use schema::SCHEMA_VERSION;
 
+pub(crate) use block_codec::EncodedExchange;
 use commands::{EncodedOutcome, Insert};
 use reader::Readers;
 use writer::{Counters, Limits, WriterCtx, WriterHandle};
@@ -201,6 +204,7 @@ impl Store {
         }
         let newest: Option<RequestId> =
             conn.query_row("SELECT MAX(id) FROM requests", [], |r| r.get(0))?;
+        let newest = newest.max(blocks::newest_id(&conn)?);
         let ctx = WriterCtx {
             ids: ids::IdGenerator::after(newest),
             record_max_body: options.record_max_body,
@@ -313,63 +317,36 @@ impl Store {
         &self,
         exchanges: Vec<(NewRequest, Outcome)>,
     ) -> Result<Vec<Result<RequestId>>> {
+        let max_body = self.inner.record_max_body;
         let items = exchanges
             .into_iter()
-            .map(|(request, outcome)| EncodedExchange::new(request, outcome))
+            .map(|(request, outcome)| EncodedExchange::new(request, outcome, max_body))
             .collect();
         self.record_encoded(items).await
     }
 
     /// [`Store::record_exchanges`] for exchanges already encoded, which is what the relay
-    /// keeps while a batch gathers: a few buffers per exchange instead of every header's.
+    /// keeps while a batch gathers: one buffer per exchange instead of every header's.
     pub(crate) async fn record_encoded(
         &self,
         items: Vec<EncodedExchange>,
     ) -> Result<Vec<Result<RequestId>>> {
-        let weight = items
-            .iter()
-            .map(|item| {
-                item.insert.headers.len()
-                    + item.insert.body.len().min(self.inner.record_max_body)
-                    + item.outcome.weight().min(self.inner.record_max_body)
-            })
-            .sum();
+        let weight = items.iter().map(|item| item.tail.len()).sum();
         self.inner
             .writer
             .call_lazy(weight, move |conn, ctx| {
-                let now = now_ms();
-                let mut results = Vec::with_capacity(items.len());
-                // Sessions already seen to exist in this batch (most batches hold one).
-                let mut known: Vec<String> = Vec::new();
-                let mut total = 0;
-                let mut statement = conn.prepare_cached(commands::INSERT_EXCHANGE)?;
-                for EncodedExchange { insert, outcome } in items {
-                    if !known.contains(&insert.session_id) {
-                        if !commands::session_exists(conn, &insert.session_id)? {
-                            results.push(Err(StoreError::UnknownSession(insert.session_id)));
-                            continue;
-                        }
-                        known.push(insert.session_id.clone());
-                    }
-                    // With its session known to exist, an exchange fails only with the
-                    // database itself (I/O, full disk): then the whole batch fails and is
-                    // rolled back. (A savepoint per exchange would cost a sub-journal write
-                    // of every page it touches: a third of the writer's time.)
-                    let (id, stored) = commands::record_exchange(
-                        conn,
-                        &mut statement,
-                        ctx,
-                        insert,
-                        &outcome,
-                        now,
-                    )?;
-                    total += stored;
-                    results.push(Ok(id));
-                }
-                commands::add_usage(conn, total)?;
+                // With its session known to exist, an exchange fails only with the database
+                // itself (I/O, full disk): then the whole batch fails and is rolled back.
+                let (results, stored) = blocks::write(conn, ctx, items, now_ms())?;
+                commands::add_usage(conn, stored)?;
                 Ok(results)
             })
             .await
+    }
+
+    /// The most body bytes history keeps of a request or response (`--record-max-body`).
+    pub(crate) fn record_max_body(&self) -> usize {
+        self.inner.record_max_body
     }
 
     /// Starts a delivery attempt: the request becomes [`RequestState::Delivering`] and its
@@ -523,7 +500,7 @@ impl Store {
         let cutoff = now_ms.saturating_sub(retention);
         let mut report = PruneReport::default();
         loop {
-            let deleted = self
+            let (deleted, more) = self
                 .inner
                 .writer
                 .call(0, move |conn, _| {
@@ -531,7 +508,7 @@ impl Store {
                 })
                 .await?;
             report.by_age += deleted;
-            if deleted < PRUNE_CHUNK as u64 {
+            if !more {
                 break;
             }
         }
@@ -561,23 +538,6 @@ impl Store {
             })
             .await?;
         Ok(report)
-    }
-}
-
-/// A passed-through request and how its exchange ended, encoded for the store (header lists
-/// as the blobs the rows hold), waiting for [`Store::record_encoded`].
-pub(crate) struct EncodedExchange {
-    insert: Insert,
-    outcome: EncodedOutcome,
-}
-
-impl EncodedExchange {
-    /// Encodes `request` (recorded as delivered through) and its `outcome`.
-    pub(crate) fn new(request: NewRequest, outcome: Outcome) -> Self {
-        EncodedExchange {
-            insert: Insert::new(request, Some(RequestState::Delivering)),
-            outcome: EncodedOutcome::new(outcome),
-        }
     }
 }
 

@@ -6,9 +6,8 @@ use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 use super::error::Result;
 use super::ids::RequestId;
 use super::records::{
-    Attempt, AttemptOutcome, ListFilter, ListPage, OfflinePolicy, Page, QueuedRequest,
-    RequestRecord, RequestState, RequestSummary, RespondMode, SessionKind, SessionRecord,
-    StatusFilter, StoredResponse,
+    Attempt, ListFilter, ListPage, OfflinePolicy, Page, QueuedRequest, RequestRecord, RequestState,
+    RequestSummary, RespondMode, SessionKind, SessionRecord, StatusFilter, StoredResponse,
 };
 use super::sql::{bad_column, bytes_at, headers_at, opt_headers_at, provider_at};
 
@@ -189,6 +188,17 @@ pub(crate) fn list(
     let mut requests: Vec<RequestSummary> = stmt
         .query_map(params_from_iter(args), summary_from_row)?
         .collect::<rusqlite::Result<_>>()?;
+    // Requests passed straight through live in history blocks: take as many of theirs, and
+    // keep the newest of both.
+    requests.extend(super::blocks::list(
+        conn,
+        session_id,
+        filter,
+        page.before,
+        limit + 1,
+    )?);
+    requests.sort_unstable_by_key(|r| std::cmp::Reverse(r.id));
+    requests.truncate(limit + 1);
     let next = if requests.len() > limit {
         requests.truncate(limit);
         requests.last().map(|r| r.id)
@@ -234,7 +244,7 @@ pub(crate) fn get(conn: &Connection, id: RequestId) -> Result<Option<RequestReco
         })
         .optional()?;
     let Some((mut record, error)) = record else {
-        return Ok(None);
+        return super::blocks::get(conn, id);
     };
     let mut stmt = conn.prepare_cached(
         "SELECT attempt, kind, replay_of, started_at, finished_at, outcome, status, error
@@ -266,29 +276,8 @@ pub(crate) fn get(conn: &Connection, id: RequestId) -> Result<Option<RequestReco
         )
     {
         let replayed = !record.attempt_log.is_empty();
-        let finished_at = summary.delivered_at.or_else(|| {
-            summary
-                .duration_ms
-                .map(|d| summary.received_at + i64::try_from(d).unwrap_or(0))
-        });
-        record.attempt_log.insert(
-            0,
-            Attempt {
-                number: 1,
-                replay: false,
-                replay_of: None,
-                started_at: summary.received_at,
-                finished_at,
-                outcome: if summary.state == RequestState::Delivered {
-                    AttemptOutcome::Delivered
-                } else {
-                    AttemptOutcome::Failed
-                },
-                // After a replay the row holds the replay's response.
-                status: if replayed { None } else { summary.status },
-                error,
-            },
-        );
+        let attempt = super::blocks::implied_attempt(summary, error, replayed);
+        record.attempt_log.insert(0, attempt);
     }
     Ok(Some(record))
 }
@@ -299,11 +288,5 @@ pub(crate) fn find_by_provider_id(
     session_id: &str,
     provider_id: &str,
 ) -> Result<Option<RequestId>> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT id FROM requests WHERE session_id = ?1 AND provider_id = ?2
-             ORDER BY id LIMIT 1",
-        )?
-        .query_row(params![session_id, provider_id], |row| row.get(0))
-        .optional()?)
+    super::blocks::find_by_provider_id(conn, session_id, provider_id)
 }

@@ -8,10 +8,42 @@ use rusqlite::{Connection, ErrorCode, OpenFlags};
 use super::error::{Result, StoreError};
 
 /// The schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Migrations: `MIGRATIONS[n]` takes the schema from version `n` to `n + 1`.
-const MIGRATIONS: [&str; 2] = [V1, V2];
+const MIGRATIONS: [&str; 3] = [V1, V2, V3];
+
+/// Version 3, history blocks: requests passed straight through are written many to a row, one
+/// row per history batch and session (see `blocks`), rather than a `requests` row each.
+/// Blocks never overlap; `first_id` and `last_id` bound the ids they hold. Provider delivery
+/// ids of their requests are indexed beside them, so retries are still marked duplicates.
+/// `usage` keeps counting their bytes: inserts add them, triggers subtract what is deleted or
+/// taken out (a replayed request moves to a row of its own).
+const V3: &str = "
+CREATE TABLE history_blocks (
+    first_id     TEXT PRIMARY KEY NOT NULL,
+    last_id      TEXT NOT NULL,
+    session_id   TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+    count        INTEGER NOT NULL,
+    stored_bytes INTEGER NOT NULL,
+    data         BLOB NOT NULL
+);
+CREATE INDEX history_blocks_by_session ON history_blocks (session_id, first_id);
+CREATE TABLE history_provider_ids (
+    session_id  TEXT NOT NULL,
+    provider_id TEXT NOT NULL,
+    request_id  TEXT NOT NULL,
+    block       TEXT NOT NULL REFERENCES history_blocks (first_id) ON DELETE CASCADE,
+    PRIMARY KEY (session_id, provider_id, request_id)
+) WITHOUT ROWID;
+CREATE INDEX history_provider_ids_by_block ON history_provider_ids (block);
+CREATE TRIGGER history_blocks_usage_delete AFTER DELETE ON history_blocks BEGIN
+    UPDATE usage SET stored_bytes = stored_bytes - OLD.stored_bytes;
+END;
+CREATE TRIGGER history_blocks_usage_update AFTER UPDATE OF stored_bytes ON history_blocks BEGIN
+    UPDATE usage SET stored_bytes = stored_bytes - OLD.stored_bytes + NEW.stored_bytes;
+END;
+";
 
 /// Version 2, lighter rows for history (passed-through requests are the bulk of all rows):
 /// - inserts add their bytes to `usage` themselves (once per batch of history) instead of
@@ -240,4 +272,50 @@ pub(crate) fn open_reader(path: &Path, busy_timeout: Duration) -> Result<Connect
     let conn = Connection::open_with_flags(path, flags).map_err(|e| open_error(path, e))?;
     conn.busy_timeout(busy_timeout)?;
     Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{ListFilter, Page, Store, StoreOptions, DB_FILE};
+
+    #[tokio::test]
+    async fn a_version_2_database_is_brought_up_to_date_with_its_rows() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(DB_FILE);
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(&format!("{V1}; {V2}; PRAGMA user_version = 2;"))
+                .unwrap();
+            conn.execute_batch(
+                "INSERT INTO sessions (id, owner, resume_digest, kind, created_at, last_seen_at)
+                 VALUES ('s1', zeroblob(32), zeroblob(32), 'named', 1, 1);
+                 INSERT INTO requests (id, session_id, received_at, method, target, state,
+                                       attempts, next_attempt_at, body_len, stored_bytes,
+                                       headers, body)
+                 VALUES ('01JCZ0000000000000000000AA', 's1', 1, 'POST', '/old', 'queued', 0, 1,
+                         2, 3, x'01', x'7b7d');",
+            )
+            .unwrap();
+        }
+        let store = Store::open(tmp.path(), StoreOptions::default())
+            .await
+            .unwrap();
+        let listed = store
+            .list("s1", &ListFilter::default(), Page::default())
+            .await
+            .unwrap();
+        assert_eq!(listed.requests.len(), 1);
+        assert_eq!(listed.requests[0].target, "/old");
+        store.close().await;
+        let conn = Connection::open(&path).unwrap();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let blocks: i64 = conn
+            .query_row("SELECT count(*) FROM history_blocks", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(blocks, 0);
+    }
 }

@@ -1181,3 +1181,307 @@ fn bench_history_records() {
         );
     });
 }
+
+/// A passed-through exchange of `session` for history, with a GitHub delivery id if given.
+fn exchange(
+    session: &str,
+    target: &str,
+    delivery: Option<&'static [u8]>,
+    outcome: Outcome,
+) -> (NewRequest, Outcome) {
+    let mut pairs: Vec<(&str, &[u8])> = vec![("content-type", b"application/json")];
+    if let Some(delivery) = delivery {
+        pairs.push(("X-GitHub-Delivery", delivery));
+    }
+    let request = NewRequest::new(
+        session,
+        now_ms(),
+        "POST",
+        target,
+        headers(&pairs),
+        Bytes::from(format!("{{\"target\":\"{target}\"}}")),
+        RequestState::Delivering,
+    );
+    (request, outcome)
+}
+
+fn count(conn: &Connection, sql: &str) -> i64 {
+    conn.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+#[tokio::test]
+async fn passed_through_exchanges_are_written_in_blocks_and_read_like_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open_with_one_session(tmp.path()).await;
+    store
+        .upsert_session(session("s2", SessionKind::Named))
+        .await
+        .unwrap();
+    let queued_first = store
+        .record_request(request("s1", "/q/1", RequestState::Queued))
+        .await
+        .unwrap();
+    let error = |text: &str| Outcome::Error {
+        error: text.into(),
+        retry_at: None,
+    };
+    let ids: Vec<RequestId> = store
+        .record_exchanges(vec![
+            exchange(
+                "s1",
+                "/a/1",
+                Some(b"d1"),
+                Outcome::Delivered(response(200, b"ok")),
+            ),
+            exchange(
+                "s2",
+                "/a/2",
+                None,
+                Outcome::Delivered(response(201, b"made")),
+            ),
+            exchange("s1", "/b/3", None, error("app down")),
+            exchange(
+                "s1",
+                "/a/4",
+                Some(b"d1"),
+                Outcome::Rejected {
+                    response: response(503, b"busy"),
+                    retry_at: None,
+                },
+            ),
+            exchange("nope", "/x", None, error("x")),
+        ])
+        .await
+        .unwrap()
+        .into_iter()
+        .take(4)
+        .map(Result::unwrap)
+        .collect();
+    let (e1, e2, e3, e4) = (ids[0], ids[1], ids[2], ids[3]);
+    let queued_last = store
+        .record_request(request("s1", "/q/2", RequestState::Queued))
+        .await
+        .unwrap();
+
+    // One block per session of the batch; no row per exchange.
+    let conn = Connection::open(store.path()).unwrap();
+    assert_eq!(count(&conn, "SELECT count(*) FROM history_blocks"), 2);
+    assert_eq!(count(&conn, "SELECT count(*) FROM requests"), 2);
+    let unknown = store
+        .record_exchanges(vec![exchange("nope", "/x", None, error("x"))])
+        .await
+        .unwrap();
+    assert!(matches!(&unknown[0], Err(StoreError::UnknownSession(s)) if s == "nope"));
+
+    // Listing merges rows and blocks, newest first, across pages.
+    let list = |filter: ListFilter, page: Page| {
+        let store = store.clone();
+        async move { store.list("s1", &filter, page).await.unwrap() }
+    };
+    let ids_of = |page: &ListPage| page.requests.iter().map(|r| r.id).collect::<Vec<_>>();
+    let all = list(ListFilter::default(), Page::default()).await;
+    assert_eq!(ids_of(&all), vec![queued_last, e4, e3, e1, queued_first]);
+    assert_eq!(all.next, None);
+    let mut pages = Vec::new();
+    let mut page = Page::first(2);
+    loop {
+        let got = list(ListFilter::default(), page).await;
+        pages.push(ids_of(&got));
+        match got.next {
+            Some(next) => page.before = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(
+        pages,
+        vec![vec![queued_last, e4], vec![e3, e1], vec![queued_first]]
+    );
+    let failed = ListFilter {
+        state: Some(RequestState::Failed),
+        ..ListFilter::default()
+    };
+    assert_eq!(ids_of(&list(failed, Page::default()).await), vec![e4, e3]);
+    let five_xx = ListFilter {
+        status: Some(StatusFilter::Class(5)),
+        ..ListFilter::default()
+    };
+    assert_eq!(ids_of(&list(five_xx, Page::default()).await), vec![e4]);
+    let prefix = ListFilter {
+        path_prefix: Some("/a/".into()),
+        ..ListFilter::default()
+    };
+    assert_eq!(ids_of(&list(prefix, Page::default()).await), vec![e4, e1]);
+    let future = ListFilter {
+        since: Some(now_ms() + 60_000),
+        ..ListFilter::default()
+    };
+    assert!(list(future, Page::default()).await.requests.is_empty());
+
+    // Shown in full like a row: head, body, response and the one attempt.
+    let shown = store.get(e1).await.unwrap().unwrap();
+    assert_eq!(shown.summary.session_id, "s1");
+    assert_eq!(shown.summary.state, RequestState::Delivered);
+    assert_eq!(&shown.body[..], b"{\"target\":\"/a/1\"}");
+    assert_eq!(shown.headers.len(), 2);
+    let shown_response = shown.response.clone().unwrap();
+    assert_eq!(shown_response.status, 200);
+    assert_eq!(shown_response.headers, response(200, b"").headers);
+    assert_eq!(&shown_response.body[..], b"ok");
+    assert_eq!(shown.attempt_log.len(), 1);
+    assert_eq!(shown.attempt_log[0].outcome, AttemptOutcome::Delivered);
+    let down = store.get(e3).await.unwrap().unwrap();
+    assert_eq!(down.summary.state, RequestState::Failed);
+    assert_eq!(down.response, None);
+    assert_eq!(down.attempt_log[0].error.as_deref(), Some("app down"));
+
+    // A provider's retry inside the batch is a duplicate, and so is one written later as a row.
+    assert_eq!(down.summary.duplicate_of, None);
+    let retried = store.get(e4).await.unwrap().unwrap();
+    assert_eq!(retried.summary.duplicate_of, Some(e1));
+    assert_eq!(retried.summary.status, Some(503));
+    assert_eq!(
+        store.find_by_provider_id("s1", "d1").await.unwrap(),
+        Some(e1)
+    );
+    let mut later = request("s1", "/a/5", RequestState::Queued);
+    later.provider = Some(ProviderId {
+        provider: "github".into(),
+        id: "d1".into(),
+    });
+    let later = store.record_request(later).await.unwrap();
+    assert_eq!(
+        store
+            .get(later)
+            .await
+            .unwrap()
+            .unwrap()
+            .summary
+            .duplicate_of,
+        Some(e1)
+    );
+
+    // The byte count includes the blocks.
+    let rows: u64 = conn
+        .query_row("SELECT SUM(stored_bytes) FROM requests", [], |r| r.get(0))
+        .unwrap();
+    let in_blocks: u64 = conn
+        .query_row("SELECT SUM(stored_bytes) FROM history_blocks", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(store.stored_bytes().await.unwrap(), rows + in_blocks);
+
+    // A replay takes the request out of its block into a row of its own, once.
+    let replay = store.start_replay(e1).await.unwrap();
+    assert_eq!(replay, 2);
+    store
+        .finish_attempt(e1, replay, Outcome::Delivered(response(202, b"again")))
+        .await
+        .unwrap();
+    let replayed = store.get(e1).await.unwrap().unwrap();
+    assert_eq!(replayed.attempt_log.len(), 2);
+    assert_eq!(replayed.attempt_log[1].replay_of, Some(1));
+    assert_eq!(replayed.attempt_log[1].status, Some(202));
+    assert_eq!(replayed.summary.duplicate_of, None);
+    assert_eq!(&replayed.body[..], b"{\"target\":\"/a/1\"}");
+    assert_eq!(replayed.headers, shown.headers);
+    assert_eq!(
+        replayed.response.unwrap().status,
+        200,
+        "a delivered request keeps its first response"
+    );
+    assert_eq!(
+        ids_of(&list(ListFilter::default(), Page::default()).await),
+        vec![later, queued_last, e4, e3, e1, queued_first],
+        "listed once"
+    );
+    assert_eq!(
+        store.find_by_provider_id("s1", "d1").await.unwrap(),
+        Some(e1)
+    );
+    assert_eq!(
+        store.get(e4).await.unwrap().unwrap().summary.duplicate_of,
+        Some(e1)
+    );
+    // Taking out a block's only request removes the block.
+    store.start_replay(e2).await.unwrap();
+    assert_eq!(count(&conn, "SELECT count(*) FROM history_blocks"), 1);
+    let rows: u64 = conn
+        .query_row("SELECT SUM(stored_bytes) FROM requests", [], |r| r.get(0))
+        .unwrap();
+    let in_blocks: u64 = conn
+        .query_row("SELECT SUM(stored_bytes) FROM history_blocks", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(store.stored_bytes().await.unwrap(), rows + in_blocks);
+
+    // After a restart, new ids still sort after every block's.
+    store.close().await;
+    drop(store);
+    let store = open(tmp.path()).await;
+    let newer = store
+        .record_exchanges(vec![exchange("s1", "/c", None, error("x"))])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    assert!(newer > e4);
+
+    // Pruning for size takes blocks too, oldest first, and never the queue.
+    let report = store
+        .prune(now_ms(), Duration::from_secs(3600), Some(0))
+        .await
+        .unwrap();
+    assert_eq!(
+        report.by_size, 5,
+        "e1, e2 (rows since their replays), e3, e4, newer: {report:?}"
+    );
+    assert_eq!(count(&conn, "SELECT count(*) FROM history_blocks"), 0);
+    assert_eq!(count(&conn, "SELECT count(*) FROM history_provider_ids"), 0);
+    let left = store
+        .list("s1", &ListFilter::default(), Page::default())
+        .await
+        .unwrap();
+    assert_eq!(ids_of(&left), vec![later, queued_last, queued_first]);
+    assert_eq!(store.get(e3).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn blocks_are_pruned_by_age_and_go_with_their_session() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open_with_one_session(tmp.path()).await;
+    let ok = || Outcome::Delivered(response(200, b"ok"));
+    let old = store
+        .record_exchanges(vec![
+            exchange("s1", "/1", Some(b"p1"), ok()),
+            exchange("s1", "/2", None, ok()),
+        ])
+        .await
+        .unwrap();
+    let day = 86_400_000i64;
+    // Nothing is older than a day yet.
+    let report = store
+        .prune(now_ms(), Duration::from_millis(day as u64), None)
+        .await
+        .unwrap();
+    assert_eq!(report.by_age, 0);
+    // A day from now, both are.
+    let report = store
+        .prune(now_ms() + 2 * day, Duration::from_millis(day as u64), None)
+        .await
+        .unwrap();
+    assert_eq!(report.by_age, 2);
+    assert_eq!(store.get(*old[0].as_ref().unwrap()).await.unwrap(), None);
+    assert_eq!(store.stored_bytes().await.unwrap(), 0);
+
+    store
+        .record_exchanges(vec![exchange("s1", "/3", Some(b"p2"), ok())])
+        .await
+        .unwrap();
+    assert!(store.delete_session("s1").await.unwrap());
+    let conn = Connection::open(store.path()).unwrap();
+    assert_eq!(count(&conn, "SELECT count(*) FROM history_blocks"), 0);
+    assert_eq!(count(&conn, "SELECT count(*) FROM history_provider_ids"), 0);
+    assert_eq!(store.stored_bytes().await.unwrap(), 0);
+}
