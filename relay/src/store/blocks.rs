@@ -305,12 +305,15 @@ pub(crate) fn list(
     // Ids are made after their request arrived: a block whose last id is older than `since`
     // holds nothing received since.
     let floor = filter.since.map(first_id_at);
+    // A plain range on the index (session_id, first_id), newest first; '~' sorts after every
+    // id's characters (Crockford base32).
+    let below = before.map_or_else(|| "~".to_owned(), |id| id.to_string());
     let mut stmt = conn.prepare_cached(
         "SELECT first_id, data FROM history_blocks
-         WHERE session_id = ?1 AND (?2 IS NULL OR first_id < ?2) AND (?3 IS NULL OR last_id >= ?3)
+         WHERE session_id = ?1 AND first_id < ?2 AND (?3 IS NULL OR last_id >= ?3)
          ORDER BY first_id DESC",
     )?;
-    let mut rows = stmt.query(params![session_id, before, floor])?;
+    let mut rows = stmt.query(params![session_id, below, floor])?;
     let mut found = Vec::new();
     while found.len() < want {
         let Some(row) = rows.next()? else { break };
