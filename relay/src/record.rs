@@ -184,10 +184,12 @@ const MAX_PENDING: usize = 8192;
 /// Most exchanges written in one store command.
 const MAX_BATCH: usize = 2048;
 
-/// Pause between two history writes, so that exchanges are written in batches. Longer pauses
-/// make larger transactions but keep more records alive in memory: at 50 ms the relay's
-/// allocations came from cold memory (docs/BENCHMARKS.md, finding 16); 10 ms measured best.
-const GATHER: std::time::Duration = std::time::Duration::from_millis(10);
+/// Pause between two history writes, so that exchanges are written in batches (one history
+/// block per session and batch). Since records wait as one compact buffer each, longer pauses
+/// no longer cost the cold allocations they did with a row per exchange (docs/BENCHMARKS.md,
+/// findings 16 and 17): at 50 ms the writer thread spends half the CPU per request it spends
+/// at 10 ms when requests come one at a time, and no more under load.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Hands finished exchanges to a background task that writes them to the store in batches.
 #[derive(Clone)]
