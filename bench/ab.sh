@@ -13,8 +13,9 @@
 #
 # Each round runs wrk -t2 with BENCH_CONNS connections (default 64) for BENCH_DURATION (default
 # 5s, after a 1 s warm-up), POSTing BENCH_SIZE bytes (default 1024) through relay and client to
-# bench-origin, and prints requests/s and the relay's and
-# the client's CPU microseconds per request (/proc/PID/stat). Builds that know `--data-dir` and
+# bench-origin, and prints requests/s, the relay's, the client's and the origin's CPU
+# microseconds per request (/proc/PID/stat), and how idle the whole machine was (/proc/stat:
+# a tunnel that leaves CPU idle while carrying fewer requests is waiting, not working). Builds that know `--data-dir` and
 # `--state-dir` get fresh ones in a temporary directory. Needs wrk, python3 and a release build
 # of ferry-bench (for bench-origin).
 set -euo pipefail
@@ -40,6 +41,8 @@ free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+# cpu_idle: total and idle (idle + iowait) jiffies of the whole machine, from /proc/stat.
+cpu_idle() { awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print t, $5 + $6 }' /proc/stat; }
 # wait_for FILE PATTERN: up to 10 s.
 wait_for() {
   local i
@@ -55,11 +58,12 @@ CONNS=${BENCH_CONNS:-64}
 python3 -c 'import base64, os, sys; n = int(sys.argv[1]); sys.stdout.write(base64.b64encode(os.urandom(n))[:n].decode())' "$SIZE" >"$WORK/body.json"
 ORIGIN_PORT=$(free_port)
 "$ORIGIN_BIN" --listen "127.0.0.1:$ORIGIN_PORT" >"$WORK/origin.log" 2>&1 &
-PIDS+=($!)
+ORIGIN_PID=$!
+PIDS+=("$ORIGIN_PID")
 
 # round DIR N: one measurement of the build in DIR.
 round() {
-  local dir=$1 n=$2 port data=() state=() relay client line r0 r1 c0 c1 count
+  local dir=$1 n=$2 port data=() state=() relay client line r0 r1 c0 c1 o0 o1 s0 s1 count
   port=$(free_port)
   if knows --data-dir "$dir/ferry-relay"; then data=(--data-dir "$WORK/data-$n"); fi
   if knows --state-dir "$dir/ferry" listen; then state=(--state-dir "$WORK/state-$n"); fi
@@ -75,14 +79,17 @@ round() {
   wait_for "$WORK/client-$n.log" '"event":"ready"'
   local url="http://127.0.0.1:$port/ab-test/hook"
   WRK_BODY_FILE="$WORK/body.json" wrk -t2 -c"$CONNS" -d1s -s "$ROOT/bench/wrk/post.lua" "$url" >/dev/null
-  r0=$(ticks "$relay"); c0=$(ticks "$client")
+  r0=$(ticks "$relay"); c0=$(ticks "$client"); o0=$(ticks "$ORIGIN_PID"); s0=$(cpu_idle)
   line=$(WRK_BODY_FILE="$WORK/body.json" wrk -t2 -c"$CONNS" -d"$DUR" -s "$ROOT/bench/wrk/post.lua" "$url" | grep '^BENCH ')
-  r1=$(ticks "$relay"); c1=$(ticks "$client")
+  r1=$(ticks "$relay"); c1=$(ticks "$client"); o1=$(ticks "$ORIGIN_PID"); s1=$(cpu_idle)
   count=$(sed -n 's/.* requests=\([0-9]*\).*/\1/p' <<<"$line")
   local tck; tck=$(getconf CLK_TCK)
-  awk -v d="$dir" -v l="$line" -v n="$count" -v r="$((r1 - r0))" -v c="$((c1 - c0))" -v t="$tck" 'BEGIN {
+  awk -v d="$dir" -v l="$line" -v n="$count" -v r="$((r1 - r0))" -v c="$((c1 - c0))" -v t="$tck" \
+    -v o="$((o1 - o0))" -v s0="$s0" -v s1="$s1" 'BEGIN {
     match(l, /rps=[0-9.]+/); rps = substr(l, RSTART + 4, RLENGTH - 4)
-    printf "%s\trps=%.0f\trelay_cpu_us=%.1f\tclient_cpu_us=%.1f\n", d, rps, r * 1e6 / t / n, c * 1e6 / t / n
+    split(s0, a, " "); split(s1, b, " ")
+    idle = (b[2] - a[2]) * 100 / (b[1] - a[1])
+    printf "%s\trps=%.0f\trelay_cpu_us=%.1f\tclient_cpu_us=%.1f\torigin_cpu_us=%.1f\tidle_pct=%.0f\n", d, rps, r * 1e6 / t / n, c * 1e6 / t / n, o * 1e6 / t / n, idle
   }'
   kill "$client" "$relay"
   wait "$client" "$relay" 2>/dev/null || true
