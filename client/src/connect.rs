@@ -44,6 +44,8 @@ pub(crate) struct Welcome {
     pub(crate) session: String,
     pub(crate) url: String,
     pub(crate) resume_secret: String,
+    /// The relay's receive window per stream: what each stream may send before credit returns.
+    pub(crate) send_window: u32,
 }
 
 /// WebSocket settings: small buffers for idle tunnels, frames sized to our chunks.
@@ -130,6 +132,7 @@ pub(crate) async fn connect(
         },
         offline,
         respond: respond.cloned(),
+        window: Some(ferry_protocol::flow::STREAM_WINDOW),
     };
     let exchange = async {
         ws.send(Message::text(hello.encode())).await?;
@@ -165,6 +168,7 @@ pub(crate) async fn connect(
             session,
             url,
             resume_secret,
+            window,
             ..
         }) => Ok((
             ws,
@@ -172,6 +176,7 @@ pub(crate) async fn connect(
                 session,
                 url,
                 resume_secret,
+                send_window: ferry_protocol::flow::peer_window(window),
             },
         )),
         Ok(Control::Error { code, message }) => Err(match code {

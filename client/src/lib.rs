@@ -200,6 +200,7 @@ pub async fn run(
                     session,
                     url: public_url,
                     resume_secret,
+                    send_window,
                 } = welcome;
                 resume = Some(Resume {
                     session: session.clone(),
@@ -232,6 +233,8 @@ pub async fn run(
                 let mux_config = MuxConfig {
                     heartbeat_timeout: config.heartbeat_timeout,
                     stats: config.stats.clone(),
+                    recv_window: ferry_protocol::flow::STREAM_WINDOW,
+                    send_window,
                     ..MuxConfig::default()
                 };
                 let (mux, mut task) = Mux::spawn(ws, mux_config, handler);

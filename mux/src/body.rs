@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use ferry_protocol::flow::{frame_cost, WINDOW_UPDATE_THRESHOLD};
+use ferry_protocol::flow::frame_cost;
 use ferry_protocol::Control;
 use http_body::{Frame, SizeHint};
 use tokio::sync::mpsc;
@@ -93,7 +93,7 @@ impl TunnelBody {
     }
 
     fn poll_return_credit(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.unreturned < WINDOW_UPDATE_THRESHOLD {
+        if self.unreturned < self.slot.update_threshold() {
             return Poll::Ready(());
         }
         // If the connection is gone there is nobody to return credit to.

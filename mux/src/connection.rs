@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use ferry_protocol::flow::MAX_FRAMES_IN_WINDOW;
+use ferry_protocol::flow::{max_frames, STREAM_WINDOW};
 use ferry_protocol::{Control, DataFrame, ErrorCode};
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -42,6 +42,13 @@ pub struct MuxConfig {
     pub max_streams: usize,
     /// Capacity, in messages, of the queue in front of the WebSocket writer.
     pub send_queue: usize,
+    /// This side's receive window per stream, enforced on the peer; advertise the same in the
+    /// handshake. Default [`STREAM_WINDOW`].
+    pub recv_window: u32,
+    /// The peer's receive window per stream: the credit each stream starts with for sending.
+    /// Set it to what the peer advertised ([`peer_window`](ferry_protocol::flow::peer_window)).
+    /// Default [`STREAM_WINDOW`].
+    pub send_window: u32,
     /// Counters to update; share one between connections to watch them all.
     pub stats: Arc<MuxStats>,
 }
@@ -52,6 +59,8 @@ impl Default for MuxConfig {
             heartbeat_timeout: Duration::from_secs(30),
             max_streams: 1024,
             send_queue: 256,
+            recv_window: STREAM_WINDOW,
+            send_window: STREAM_WINDOW,
             stats: Arc::default(),
         }
     }
@@ -100,7 +109,7 @@ pub(crate) struct Shared {
     pub(crate) closed: CancellationToken,
     reason: Mutex<Option<String>>,
     pub(crate) stats: Arc<MuxStats>,
-    config: MuxConfig,
+    pub(crate) config: MuxConfig,
 }
 
 impl Shared {
@@ -170,7 +179,7 @@ impl MuxHandle {
         if self.shared.closed.is_cancelled() {
             return Err(MuxError::Closed(self.shared.close_reason()));
         }
-        let (in_tx, in_rx) = mpsc::channel(MAX_FRAMES_IN_WINDOW + 1);
+        let (in_tx, in_rx) = mpsc::channel(max_frames(self.shared.config.recv_window) + 1);
         let (head_tx, head_rx) = oneshot::channel();
         let slot = Arc::new(Slot::new(id, in_tx, head_tx, self.shared.clone()));
         {

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use ferry_protocol::flow::{frame_cost, MAX_FRAME_PAYLOAD, STREAM_WINDOW};
+use ferry_protocol::flow::{frame_cost, update_threshold, MAX_FRAME_PAYLOAD};
 use ferry_protocol::{Control, DataFrame};
 use futures_util::FutureExt;
 use http_body::Body;
@@ -74,7 +74,7 @@ impl Slot {
             unreturned: AtomicUsize::new(0),
             buffered: AtomicUsize::new(0),
             inbound_ended: AtomicBool::new(false),
-            send_credit: Semaphore::new(STREAM_WINDOW as usize),
+            send_credit: Semaphore::new(shared.config.send_window as usize),
             head: Mutex::new(Some(head)),
             // Not a child of the connection token: `Shared::close` aborts every open slot itself,
             // and a child would take a lock on the parent per stream.
@@ -91,7 +91,7 @@ impl Slot {
         }
         let cost = frame_cost(frame.payload.len()) as usize;
         let unreturned = self.unreturned.fetch_add(cost, Ordering::AcqRel) + cost;
-        if unreturned > STREAM_WINDOW as usize {
+        if unreturned > self.shared.config.recv_window as usize {
             return Err(DeliverError::Violation(
                 "peer exceeded the flow-control window",
             ));
@@ -124,11 +124,16 @@ impl Slot {
     /// Adds credit the peer handed back; false if it hands back more than was spent.
     pub(crate) fn grant(&self, increment: u32) -> bool {
         let available = self.send_credit.available_permits();
-        if available + increment as usize > STREAM_WINDOW as usize {
+        if available + increment as usize > self.shared.config.send_window as usize {
             return false;
         }
         self.send_credit.add_permits(increment as usize);
         true
+    }
+
+    /// Credit owed to the peer at which it is handed back.
+    pub(crate) fn update_threshold(&self) -> u32 {
+        update_threshold(self.shared.config.recv_window)
     }
 
     pub(crate) fn consumed(&self, len: usize) {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ferry_mux::{ControlHandler, Mux, MuxConfig, MuxHandle, MuxIo, Side};
-use ferry_protocol::flow::{STREAM_WINDOW, WINDOW_UPDATE_THRESHOLD};
+use ferry_protocol::flow::{update_threshold, DEFAULT_WINDOW, STREAM_WINDOW};
 use ferry_protocol::{Control, DataFrame};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use http_body_util::BodyExt;
@@ -88,16 +88,68 @@ async fn a_reader_that_does_not_read_holds_the_sender_to_one_window() {
     assert!(stats_b.peak_buffered() <= STREAM_WINDOW as usize);
 }
 
+/// A peer that advertised a smaller window (an older build, which enforces 256 KiB) gets no
+/// more than that, and the transfer still completes.
+#[tokio::test(start_paused = true)]
+async fn the_window_a_peer_advertised_bounds_what_is_sent_to_it() {
+    let (a, b) = socket_pair().await;
+    let (mux_a, _task_a) = Mux::spawn(
+        a,
+        MuxConfig {
+            send_window: DEFAULT_WINDOW,
+            ..config()
+        },
+        Ignore,
+    );
+    let stats_b = std::sync::Arc::new(ferry_mux::MuxStats::default());
+    let (mux_b, _task_b) = Mux::spawn(
+        b,
+        MuxConfig {
+            recv_window: DEFAULT_WINDOW,
+            stats: stats_b.clone(),
+            ..config()
+        },
+        Ignore,
+    );
+    let (sender, _, _, _guard_a) = mux_a.open_stream(1).unwrap();
+    let (_, body, _, _guard_b) = mux_b.open_stream(1).unwrap();
+    let total = 2 * 1024 * 1024;
+    let payload = Bytes::from(vec![3u8; total]);
+    let send = tokio::spawn({
+        let sender = sender.clone();
+        let payload = payload.clone();
+        async move { sender.send_data(payload, true).await }
+    });
+    let stuck = tokio::time::timeout(Duration::from_secs(5), async {
+        while !send.is_finished() {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(stuck.is_err(), "the sender must block on an unread stream");
+    let buffered = stats_b.peak_buffered();
+    assert!(buffered <= DEFAULT_WINDOW as usize, "buffered {buffered}");
+    assert!(
+        buffered >= (DEFAULT_WINDOW / 2) as usize,
+        "window used: {buffered}"
+    );
+    let received = body.collect().await.unwrap().to_bytes();
+    assert_eq!(received, payload);
+    send.await.unwrap().unwrap();
+    assert!(!mux_b.is_closed(), "{}", mux_b.close_reason());
+}
+
 #[tokio::test]
 async fn a_peer_exceeding_the_window_is_cut_off_with_a_protocol_error() {
     // A pipe roomy enough that the misbehaving peer's writes never block: it must be able to
     // read the error afterwards, with nothing of its own left unflushed.
-    let (a, mut raw) = socket_pair_with_buffer(1024 * 1024).await;
+    let (a, mut raw) = socket_pair_with_buffer(2 * STREAM_WINDOW as usize).await;
     let (mux, task) = Mux::spawn(a, config(), Ignore);
     let (_, _body, _, _guard) = mux.open_stream(1).unwrap();
     let chunk = vec![1u8; 60 * 1024];
-    for _ in 0..5 {
-        // 5 × 60 KiB > 256 KiB window
+    for _ in 0..=STREAM_WINDOW as usize / chunk.len() {
+        // One 60 KiB frame more than the window holds
         let frame = DataFrame::encode(1, false, &chunk);
         raw.send(Message::Binary(frame)).await.unwrap();
     }
@@ -237,7 +289,8 @@ async fn a_live_peer_is_never_declared_dead() {
 
 #[test]
 fn window_updates_are_sent_before_the_window_runs_dry() {
-    const { assert!(WINDOW_UPDATE_THRESHOLD < STREAM_WINDOW) };
+    const { assert!(update_threshold(STREAM_WINDOW) < STREAM_WINDOW) };
+    const { assert!(update_threshold(DEFAULT_WINDOW) < DEFAULT_WINDOW) };
 }
 
 #[tokio::test]

@@ -177,6 +177,10 @@ pub enum Control {
         /// How the relay answers callers; stored with the session. `None` keeps `pass`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         respond: Option<RespondPolicy>,
+        /// The client's receive window per stream (see [`flow`](crate::flow)); absent means
+        /// [`DEFAULT_WINDOW`](crate::flow::DEFAULT_WINDOW).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        window: Option<u32>,
     },
     /// Relay → client, answer to `Hello`: the session is live.
     Welcome {
@@ -188,6 +192,10 @@ pub enum Control {
         resume_secret: String,
         /// Relay software and version, for logs.
         agent: String,
+        /// The relay's receive window per stream (see [`flow`](crate::flow)); absent means
+        /// [`DEFAULT_WINDOW`](crate::flow::DEFAULT_WINDOW).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        window: Option<u32>,
     },
     /// Relay → client: a request to forward.
     RequestHead(RequestHead),
@@ -261,6 +269,30 @@ impl Control {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn handshakes_of_builds_before_window_negotiation_still_decode() {
+        let hello = Control::decode(r#"{"type":"hello","version":1,"agent":"ferry/0.1.0"}"#);
+        assert!(
+            matches!(hello, Ok(Control::Hello { window: None, .. })),
+            "{hello:?}"
+        );
+        let welcome = Control::decode(
+            r#"{"type":"welcome","session":"s","url":"u","resume_secret":"r","agent":"a"}"#,
+        );
+        assert!(
+            matches!(welcome, Ok(Control::Welcome { window: None, .. })),
+            "{welcome:?}"
+        );
+        let current = Control::Welcome {
+            session: "s".into(),
+            url: "u".into(),
+            resume_secret: "r".into(),
+            agent: "a".into(),
+            window: Some(crate::flow::STREAM_WINDOW),
+        };
+        assert!(current.encode().contains(r#""window":1048576"#));
+    }
 
     #[test]
     fn wire_shape_is_stable() {
@@ -353,15 +385,17 @@ mod tests {
                         status: Some(200),
                         body: Some("{}".into()),
                     }),
+                    window: Some(crate::flow::STREAM_WINDOW),
                 }),
-            (".*", ".*", ".*", ".*").prop_map(|(session, url, resume_secret, agent)| {
-                Control::Welcome {
+            (".*", ".*", ".*", ".*", proptest::option::of(any::<u32>())).prop_map(
+                |(session, url, resume_secret, agent, window)| Control::Welcome {
                     session,
                     url,
                     resume_secret,
                     agent,
+                    window,
                 }
-            }),
+            ),
             (
                 any::<u32>(),
                 "[A-Z]{1,10}",

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ferry_mux::{ControlHandler, Mux, MuxConfig, MuxHandle, MuxIo, Side};
+use ferry_protocol::flow::{peer_window, STREAM_WINDOW};
 use ferry_protocol::{
     validate_session_name, Control, ErrorCode, RespondPolicy, PROTOCOL_VERSION, SUBPROTOCOL,
     SUBPROTOCOL_PREFIX,
@@ -176,13 +177,14 @@ where
             return;
         }
     };
-    let (name, resume, offline, respond) = match hello {
+    let (name, resume, offline, respond, client_window) = match hello {
         Ok(Control::Hello {
             version,
             name,
             resume,
             offline,
             respond,
+            window,
             ..
         }) => {
             if version != PROTOCOL_VERSION {
@@ -204,7 +206,7 @@ where
                     return;
                 }
             }
-            (name, resume, offline, respond)
+            (name, resume, offline, respond, window)
         }
         Ok(_) | Err(_) => {
             refuse(
@@ -303,8 +305,11 @@ where
         url: format!("{}/{}", relay.config.public_url, session.id),
         resume_secret: granted.resume_secret,
         agent: concat!("ferry-relay/", env!("CARGO_PKG_VERSION")).to_owned(),
+        window: Some(STREAM_WINDOW),
     };
     let mux_config = MuxConfig {
+        recv_window: STREAM_WINDOW,
+        send_window: peer_window(client_window),
         heartbeat_timeout: relay.config.heartbeat_timeout,
         stats: relay.config.stats.clone(),
         ..MuxConfig::default()

@@ -51,6 +51,8 @@ async fn accept(listener: &TcpListener) -> Tunnel {
         url: format!("http://fake/{SESSION}"),
         resume_secret: "secret".into(),
         agent: "fake-relay".into(),
+        // Like a relay from before window negotiation: the client assumes the default window.
+        window: None,
     };
     ws.send(Message::text(welcome.encode())).await.unwrap();
     Tunnel { ws, offline }

@@ -156,6 +156,7 @@ async fn open(
         resume: None,
         offline: None,
         respond: None,
+        window: Some(ferry_protocol::flow::STREAM_WINDOW),
     };
     ws.send(Message::text(hello.encode())).await?;
     let welcome = tokio::time::timeout(Duration::from_secs(30), async {
