@@ -351,3 +351,94 @@ async fn without_a_store_history_is_unavailable() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{err}");
     client.stop().await;
 }
+
+/// Requests passed straight through a live tunnel (recorded in history blocks, not rows) are
+/// listed, shown and replayed through the API like any other.
+#[tokio::test]
+async fn passed_through_requests_are_listed_shown_and_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), Default::default()).await.unwrap();
+    let relay = TestRelay::start_with({
+        let store = store.clone();
+        move |config| config.store = Some(store)
+    })
+    .await;
+    let origin = Origin::start(Behaviour::fixed(200, "got it")).await;
+    let mut config = client_config(&relay.url(), &origin.url("/"));
+    config.name = Some("live-hist".into());
+    let client = TestClient::start(config).await;
+    let bodies: [&[u8]; 3] = [br#"{"n":1}"#, b"\xff\x00raw", br#"{"n":3}"#];
+    for (n, body) in bodies.iter().enumerate() {
+        let url = format!("{}/hook/{n}", client.url);
+        let (status, _, answer) = send(
+            Method::POST,
+            &url,
+            &[("x-github-delivery", "same-delivery")],
+            Bytes::from_static(body),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(&answer[..], b"got it");
+    }
+    // History is written in the background: wait for all three.
+    let listed = ferry_tests::wait_for_store(&store, "three recorded requests", || async {
+        let page = store
+            .list("live-hist", &Default::default(), Default::default())
+            .await
+            .unwrap();
+        (page.requests.len() == 3).then_some(page.requests)
+    })
+    .await;
+    let (status, page) = api(&relay, Method::GET, "live-hist/requests", Some(TOKEN)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let expected: Vec<String> = listed.iter().map(|r| r.id.to_string()).collect();
+    assert_eq!(ids(&page), expected);
+    let targets: Vec<&str> = page["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["target"].as_str().unwrap())
+        .collect();
+    assert_eq!(targets, ["/hook/2", "/hook/1", "/hook/0"], "newest first");
+    let first = &expected[2];
+    let retry = &expected[1];
+
+    // Shown in full: the body byte for byte, the app's answer, one delivered attempt; the
+    // provider's second delivery of the same id is marked a duplicate of the first.
+    let (status, full) = api(
+        &relay,
+        Method::GET,
+        &format!("live-hist/requests/{retry}"),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{full}");
+    assert_eq!(
+        B64.decode(full["body_b64"].as_str().unwrap()).unwrap(),
+        bodies[1]
+    );
+    assert_eq!(full["response"]["status"], 200, "{full}");
+    assert_eq!(full["duplicate_of"], first.as_str(), "{full}");
+    assert_eq!(full["attempt_log"].as_array().unwrap().len(), 1, "{full}");
+
+    // Replayed through the connected client: the app sees the same body again.
+    let (status, done) = api(
+        &relay,
+        Method::POST,
+        &format!("live-hist/requests/{first}/replay"),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{done}");
+    assert_eq!(done["attempt"], 2, "{done}");
+    for _ in 0..3 {
+        origin.next_request().await;
+    }
+    let replayed = origin.next_request().await;
+    assert_eq!(replayed.uri, "/hook/0");
+    assert_eq!(replayed.header_str("ferry-replay-of"), Some(first.as_str()));
+    assert_eq!(replayed.body.as_deref(), Some(bodies[0]));
+    let (_, after) = api(&relay, Method::GET, "live-hist/requests", Some(TOKEN)).await;
+    assert_eq!(ids(&after), expected, "still listed once each");
+    client.stop().await;
+}
