@@ -287,13 +287,13 @@ impl Forwarder {
             .map_err(|_| format!("invalid method {:?}", head.method))?;
         let uri = self.target.uri_for(&head.target)?;
         let mut headers = HeaderMap::with_capacity(head.headers.len() + 1);
-        for (name, value) in head.headers.iter() {
+        for (name, value) in head.headers.iter_shared() {
             let name = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| format!("invalid header name {name:?}"))?;
             if is_connection_specific(&name) || name == header::HOST {
                 continue;
             }
-            let value = HeaderValue::from_bytes(value)
+            let value = HeaderValue::from_maybe_shared(value)
                 .map_err(|_| format!("invalid value for header {name}"))?;
             headers.append(name, value);
         }

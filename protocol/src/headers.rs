@@ -1,6 +1,9 @@
 //! Header lists that keep order, duplicates and exact value bytes.
 
 use base64::Engine as _;
+use std::borrow::Cow;
+
+use bytes::Bytes;
 use std::fmt;
 
 use serde::de::{Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -20,9 +23,18 @@ pub enum HeaderListError {
 /// values that are not UTF-8 survive the trip. On the wire a list is a JSON array of
 /// `[name, value]` pairs; `value` is a string when it is valid UTF-8 and `{"b64": "..."}`
 /// otherwise.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// Names and values are kept back to back in two buffers, with where each entry ends: a list
+/// costs three allocations however many entries it has, rather than two per entry (a webhook's
+/// head crosses the tunnel as several lists, finding 20 in docs/BENCHMARKS.md).
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct HeaderList {
-    entries: Vec<(String, Vec<u8>)>,
+    /// Every entry's name, back to back.
+    names: String,
+    /// Every entry's value, back to back.
+    values: Vec<u8>,
+    /// Per entry, where its name ends in `names` and its value in `values`.
+    ends: Vec<(usize, usize)>,
 }
 
 impl HeaderList {
@@ -34,28 +46,56 @@ impl HeaderList {
     /// An empty list with room for `capacity` entries.
     pub fn with_capacity(capacity: usize) -> Self {
         HeaderList {
-            entries: Vec::with_capacity(capacity),
+            names: String::with_capacity(capacity * 16),
+            values: Vec::with_capacity(capacity * 32),
+            ends: Vec::with_capacity(capacity),
         }
     }
 
-    /// Appends one entry.
-    pub fn push(&mut self, name: impl Into<String>, value: impl Into<Vec<u8>>) {
-        self.entries.push((name.into(), value.into()));
+    /// Appends one entry (copying it: no allocation of its own).
+    pub fn push(&mut self, name: impl AsRef<str>, value: impl AsRef<[u8]>) {
+        self.names.push_str(name.as_ref());
+        self.values.extend_from_slice(value.as_ref());
+        self.ends.push((self.names.len(), self.values.len()));
     }
 
     /// The entries, in order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        self.entries.iter().map(|(n, v)| (n.as_str(), v.as_slice()))
+        let mut start = (0, 0);
+        self.ends.iter().map(move |&(name_end, value_end)| {
+            let entry = (
+                &self.names[start.0..name_end],
+                &self.values[start.1..value_end],
+            );
+            start = (name_end, value_end);
+            entry
+        })
+    }
+
+    /// The entries, in order, each value a slice of one shared copy of all of them: building
+    /// `http::HeaderValue`s from these (`from_maybe_shared`) allocates once for the whole list
+    /// instead of once per value.
+    pub fn iter_shared(&self) -> impl Iterator<Item = (&str, Bytes)> {
+        let values = Bytes::copy_from_slice(&self.values);
+        let mut start = (0, 0);
+        self.ends.iter().map(move |&(name_end, value_end)| {
+            let entry = (
+                &self.names[start.0..name_end],
+                values.slice(start.1..value_end),
+            );
+            start = (name_end, value_end);
+            entry
+        })
     }
 
     /// Number of entries.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.ends.len()
     }
 
     /// Whether the list has no entries.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.ends.is_empty()
     }
 
     /// The first value of `name` (compared case-insensitively).
@@ -66,14 +106,25 @@ impl HeaderList {
     }
 }
 
-impl<N: Into<String>, V: Into<Vec<u8>>> FromIterator<(N, V)> for HeaderList {
+impl fmt::Debug for HeaderList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(
+                self.iter()
+                    .map(|(name, value)| (name, String::from_utf8_lossy(value))),
+            )
+            .finish()
+    }
+}
+
+impl<N: AsRef<str>, V: AsRef<[u8]>> FromIterator<(N, V)> for HeaderList {
     fn from_iter<T: IntoIterator<Item = (N, V)>>(iter: T) -> Self {
-        HeaderList {
-            entries: iter
-                .into_iter()
-                .map(|(n, v)| (n.into(), v.into()))
-                .collect(),
+        let iter = iter.into_iter();
+        let mut list = HeaderList::with_capacity(iter.size_hint().0);
+        for (name, value) in iter {
+            list.push(name, value);
         }
+        list
     }
 }
 
@@ -87,14 +138,14 @@ enum WireValue<'a> {
 
 impl Serialize for HeaderList {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.entries.iter().map(|(name, value)| {
+        serializer.collect_seq(self.iter().map(|(name, value)| {
             let value = match std::str::from_utf8(value) {
                 Ok(text) => WireValue::Text(text),
                 Err(_) => WireValue::Binary {
                     b64: base64::engine::general_purpose::STANDARD.encode(value),
                 },
             };
-            (name.as_str(), value)
+            (name, value)
         }))
     }
 }
@@ -118,15 +169,16 @@ impl<'de> Visitor<'de> for ListVisitor {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<HeaderList, A::Error> {
         let mut list = HeaderList::with_capacity(seq.size_hint().unwrap_or(8).min(128));
         while let Some(Pair(name, value)) = seq.next_element()? {
-            list.entries.push((name, value));
+            list.push(name, value);
         }
         Ok(list)
     }
 }
 
-struct Pair(String, Vec<u8>);
+/// One `[name, value]` pair, borrowed from the input where it has no escapes.
+struct Pair<'de>(Cow<'de, str>, Cow<'de, [u8]>);
 
-impl<'de> Deserialize<'de> for Pair {
+impl<'de> Deserialize<'de> for Pair<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         deserializer.deserialize_seq(PairVisitor)
     }
@@ -135,14 +187,14 @@ impl<'de> Deserialize<'de> for Pair {
 struct PairVisitor;
 
 impl<'de> Visitor<'de> for PairVisitor {
-    type Value = Pair;
+    type Value = Pair<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a [name, value] pair")
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Pair, A::Error> {
-        let name: String = seq
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Pair<'de>, A::Error> {
+        let Name(name) = seq
             .next_element()?
             .ok_or_else(|| A::Error::invalid_length(0, &self))?;
         if name.is_empty() {
@@ -158,9 +210,40 @@ impl<'de> Visitor<'de> for PairVisitor {
     }
 }
 
-struct ValueBytes(Vec<u8>);
+/// A header name (serde's own `Cow<str>` always copies).
+struct Name<'de>(Cow<'de, str>);
 
-impl<'de> Deserialize<'de> for ValueBytes {
+impl<'de> Deserialize<'de> for Name<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_str(NameVisitor)
+    }
+}
+
+struct NameVisitor;
+
+impl<'de> Visitor<'de> for NameVisitor {
+    type Value = Name<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a header name")
+    }
+
+    fn visit_borrowed_str<E: serde::de::Error>(self, text: &'de str) -> Result<Name<'de>, E> {
+        Ok(Name(Cow::Borrowed(text)))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Name<'de>, E> {
+        Ok(Name(Cow::Owned(text.to_owned())))
+    }
+
+    fn visit_string<E: serde::de::Error>(self, text: String) -> Result<Name<'de>, E> {
+        Ok(Name(Cow::Owned(text)))
+    }
+}
+
+struct ValueBytes<'de>(Cow<'de, [u8]>);
+
+impl<'de> Deserialize<'de> for ValueBytes<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         deserializer.deserialize_any(ValueVisitor)
     }
@@ -169,36 +252,40 @@ impl<'de> Deserialize<'de> for ValueBytes {
 struct ValueVisitor;
 
 impl<'de> Visitor<'de> for ValueVisitor {
-    type Value = ValueBytes;
+    type Value = ValueBytes<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(r#"a header value: a string or {"b64": "..."}"#)
     }
 
-    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<ValueBytes, E> {
-        Ok(ValueBytes(text.as_bytes().to_vec()))
+    fn visit_borrowed_str<E: serde::de::Error>(self, text: &'de str) -> Result<ValueBytes<'de>, E> {
+        Ok(ValueBytes(Cow::Borrowed(text.as_bytes())))
     }
 
-    fn visit_string<E: serde::de::Error>(self, text: String) -> Result<ValueBytes, E> {
-        Ok(ValueBytes(text.into_bytes()))
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<ValueBytes<'de>, E> {
+        Ok(ValueBytes(Cow::Owned(text.as_bytes().to_vec())))
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ValueBytes, A::Error> {
+    fn visit_string<E: serde::de::Error>(self, text: String) -> Result<ValueBytes<'de>, E> {
+        Ok(ValueBytes(Cow::Owned(text.into_bytes())))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ValueBytes<'de>, A::Error> {
         let mut value = None;
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+        while let Some(Name(key)) = map.next_key::<Name<'de>>()? {
             if key != "b64" || value.is_some() {
                 return Err(A::Error::custom(format!(
                     "unexpected key {key:?} in header value"
                 )));
             }
-            let b64: std::borrow::Cow<'de, str> = map.next_value()?;
+            let Name(b64) = map.next_value()?;
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(b64.as_bytes())
                 .map_err(|e| A::Error::custom(format!("bad base64 in header value: {e}")))?;
             value = Some(bytes);
         }
         value
-            .map(ValueBytes)
+            .map(|bytes| ValueBytes(Cow::Owned(bytes)))
             .ok_or_else(|| A::Error::custom("header value object without b64"))
     }
 }
@@ -226,6 +313,36 @@ mod tests {
         let back: HeaderList = serde_json::from_str(&json).unwrap();
         assert_eq!(back, list);
         assert_eq!(back.get("X-A"), Some(&b"1"[..]));
+    }
+
+    #[test]
+    fn shared_values_are_the_same_entries() {
+        let list: HeaderList = [("a", &b"1"[..]), ("b", b""), ("a", b"\xff22")]
+            .into_iter()
+            .collect();
+        let shared: Vec<(String, Vec<u8>)> = list
+            .iter_shared()
+            .map(|(n, v)| (n.to_owned(), v.to_vec()))
+            .collect();
+        let plain: Vec<(String, Vec<u8>)> = list
+            .iter()
+            .map(|(n, v)| (n.to_owned(), v.to_vec()))
+            .collect();
+        assert_eq!(shared, plain);
+        assert_eq!(list.len(), 3);
+        assert_eq!(
+            format!("{list:?}"),
+            "[(\"a\", \"1\"), (\"b\", \"\"), (\"a\", \"\u{fffd}22\")]"
+        );
+    }
+
+    #[test]
+    fn escaped_and_plain_json_decode_alike() {
+        let plain: HeaderList = serde_json::from_str(r#"[["x-a","va"]]"#).unwrap();
+        let escaped: HeaderList = serde_json::from_str(r#"[["x-\u0061","v\u0061"]]"#).unwrap();
+        assert_eq!(plain, escaped);
+        let from_reader: HeaderList = serde_json::from_reader(&br#"[["x-a","va"]]"#[..]).unwrap();
+        assert_eq!(plain, from_reader);
     }
 
     #[test]

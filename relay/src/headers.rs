@@ -84,10 +84,10 @@ pub(crate) fn request_headers(headers: &HeaderMap, fwd: &Forwarded<'_>) -> Heade
 /// Builds a response header map from the client's list; `Err` names the first bad entry.
 pub(crate) fn to_header_map(list: &HeaderList) -> Result<HeaderMap, String> {
     let mut map = HeaderMap::with_capacity(list.len());
-    for (name, value) in list.iter() {
+    for (name, value) in list.iter_shared() {
         let name = HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| format!("invalid header name {name:?}"))?;
-        let value = HeaderValue::from_bytes(value)
+        let value = HeaderValue::from_maybe_shared(value)
             .map_err(|_| format!("invalid value for header {name}"))?;
         map.append(name, value);
     }

@@ -41,7 +41,7 @@ pub(crate) fn decode_headers(mut blob: &[u8]) -> Option<HeaderList> {
     while !blob.is_empty() {
         let name = take(&mut blob)?;
         let value = take(&mut blob)?;
-        headers.push(String::from_utf8(name.to_vec()).ok()?, value.to_vec());
+        headers.push(std::str::from_utf8(name).ok()?, value);
     }
     Some(headers)
 }
