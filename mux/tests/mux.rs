@@ -38,28 +38,34 @@ fn config() -> MuxConfig {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_reader_that_does_not_read_holds_the_sender_to_one_window() {
+/// Sends `total` bytes from a mux with `sender` settings to one with `receiver` settings while
+/// nobody reads them; checks that the receiver buffered between half of `window` and `window`,
+/// then reads everything and checks it arrived byte for byte, the connection intact.
+async fn unread_stream_holds_the_sender_to(
+    sender: MuxConfig,
+    receiver: MuxConfig,
+    window: u32,
+    total: usize,
+) {
     let (a, b) = socket_pair().await;
-    let (mux_a, _task_a) = Mux::spawn(a, config(), Ignore);
+    let (mux_a, _task_a) = Mux::spawn(a, sender, Ignore);
     let stats_b = std::sync::Arc::new(ferry_mux::MuxStats::default());
     let (mux_b, _task_b) = Mux::spawn(
         b,
         MuxConfig {
             stats: stats_b.clone(),
-            ..config()
+            ..receiver
         },
         Ignore,
     );
-    let (sender, _, _, _guard_a) = mux_a.open_stream(1).unwrap();
+    let (stream, _, _, _guard_a) = mux_a.open_stream(1).unwrap();
     let (_, body, _, _guard_b) = mux_b.open_stream(1).unwrap();
 
-    let total = 8 * 1024 * 1024;
     let payload = Bytes::from(vec![7u8; total]);
     let send = tokio::spawn({
-        let sender = sender.clone();
+        let stream = stream.clone();
         let payload = payload.clone();
-        async move { sender.send_data(payload, true).await }
+        async move { stream.send_data(payload, true).await }
     });
     // Nobody reads `body`: once every task is idle, paused time jumps ahead and this fires.
     let stuck = tokio::time::timeout(Duration::from_secs(5), async {
@@ -71,73 +77,36 @@ async fn a_reader_that_does_not_read_holds_the_sender_to_one_window() {
     .await;
     assert!(stuck.is_err(), "the sender must block on an unread stream");
     let buffered = stats_b.peak_buffered();
-    assert!(
-        buffered <= STREAM_WINDOW as usize,
-        "buffered {buffered} > window"
-    );
-    assert!(
-        buffered >= (STREAM_WINDOW / 2) as usize,
-        "window used: {buffered}"
-    );
+    assert!(buffered <= window as usize, "buffered {buffered} > window");
+    assert!(buffered >= (window / 2) as usize, "window used: {buffered}");
 
     // Reading lets the rest through, byte for byte.
     let received = body.collect().await.unwrap().to_bytes();
     assert_eq!(received.len(), total);
     assert_eq!(received, payload);
     send.await.unwrap().unwrap();
-    assert!(stats_b.peak_buffered() <= STREAM_WINDOW as usize);
+    assert!(stats_b.peak_buffered() <= window as usize);
+    assert!(!mux_b.is_closed(), "{}", mux_b.close_reason());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reader_that_does_not_read_holds_the_sender_to_one_window() {
+    unread_stream_holds_the_sender_to(config(), config(), STREAM_WINDOW, 8 * 1024 * 1024).await;
 }
 
 /// A peer that advertised a smaller window (an older build, which enforces 256 KiB) gets no
 /// more than that, and the transfer still completes.
 #[tokio::test(start_paused = true)]
 async fn the_window_a_peer_advertised_bounds_what_is_sent_to_it() {
-    let (a, b) = socket_pair().await;
-    let (mux_a, _task_a) = Mux::spawn(
-        a,
-        MuxConfig {
-            send_window: DEFAULT_WINDOW,
-            ..config()
-        },
-        Ignore,
-    );
-    let stats_b = std::sync::Arc::new(ferry_mux::MuxStats::default());
-    let (mux_b, _task_b) = Mux::spawn(
-        b,
-        MuxConfig {
-            recv_window: DEFAULT_WINDOW,
-            stats: stats_b.clone(),
-            ..config()
-        },
-        Ignore,
-    );
-    let (sender, _, _, _guard_a) = mux_a.open_stream(1).unwrap();
-    let (_, body, _, _guard_b) = mux_b.open_stream(1).unwrap();
-    let total = 2 * 1024 * 1024;
-    let payload = Bytes::from(vec![3u8; total]);
-    let send = tokio::spawn({
-        let sender = sender.clone();
-        let payload = payload.clone();
-        async move { sender.send_data(payload, true).await }
-    });
-    let stuck = tokio::time::timeout(Duration::from_secs(5), async {
-        while !send.is_finished() {
-            tokio::task::yield_now().await;
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    assert!(stuck.is_err(), "the sender must block on an unread stream");
-    let buffered = stats_b.peak_buffered();
-    assert!(buffered <= DEFAULT_WINDOW as usize, "buffered {buffered}");
-    assert!(
-        buffered >= (DEFAULT_WINDOW / 2) as usize,
-        "window used: {buffered}"
-    );
-    let received = body.collect().await.unwrap().to_bytes();
-    assert_eq!(received, payload);
-    send.await.unwrap().unwrap();
-    assert!(!mux_b.is_closed(), "{}", mux_b.close_reason());
+    let sender = MuxConfig {
+        send_window: DEFAULT_WINDOW,
+        ..config()
+    };
+    let receiver = MuxConfig {
+        recv_window: DEFAULT_WINDOW,
+        ..config()
+    };
+    unread_stream_holds_the_sender_to(sender, receiver, DEFAULT_WINDOW, 2 * 1024 * 1024).await;
 }
 
 #[tokio::test]
