@@ -2,6 +2,7 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+use super::blocks::first_id_at;
 use super::error::{Result, StoreError};
 use super::ids::RequestId;
 use super::records::{AttemptOutcome, Outcome, RequestState, RespondMode, Response, SessionRecord};
@@ -432,8 +433,6 @@ pub(crate) fn recover_interrupted(conn: &Connection, now: i64) -> Result<u64> {
     )?;
     Ok(requeued as u64)
 }
-
-use super::blocks::first_id_at;
 
 /// Deletes up to `limit` of the oldest requests received before `cutoff` (except those being
 /// delivered right now) and up to `limit` of the oldest history blocks all received before it.

@@ -25,6 +25,10 @@
 //!                               └────────────────────────────────┘ (back to queued, later)
 //!                                         Rejected/Error without retry_at ──> failed (parked)
 //! ```
+//! Requests passed straight through ([`Store::record_exchanges`]) are final when recorded and
+//! are written many to a row, as history blocks (`blocks`); reads merge them with the rows, and
+//! a replay first moves its request out of its block into a row.
+//!
 //! A replay ([`Store::start_replay`]) is an extra attempt on the same request, linked to the
 //! attempt it repeats; it does not change the request's state, except that a successful replay
 //! of a failed request marks it delivered. Requests found `delivering` when the store opens
