@@ -130,24 +130,15 @@ pub(crate) fn find_by_provider_id(
     session_id: &str,
     provider_id: &str,
 ) -> Result<Option<RequestId>> {
-    let in_rows: Option<RequestId> = conn
+    Ok(conn
         .prepare_cached(
-            "SELECT id FROM requests WHERE session_id = ?1 AND provider_id = ?2
-             ORDER BY id LIMIT 1",
+            "SELECT MIN(id) FROM (
+                 SELECT MIN(id) AS id FROM requests WHERE session_id = ?1 AND provider_id = ?2
+                 UNION ALL
+                 SELECT MIN(request_id) FROM history_provider_ids
+                 WHERE session_id = ?1 AND provider_id = ?2)",
         )?
-        .query_row(params![session_id, provider_id], |row| row.get(0))
-        .optional()?;
-    let in_blocks: Option<RequestId> = conn
-        .prepare_cached(
-            "SELECT request_id FROM history_provider_ids WHERE session_id = ?1 AND provider_id = ?2
-             ORDER BY request_id LIMIT 1",
-        )?
-        .query_row(params![session_id, provider_id], |row| row.get(0))
-        .optional()?;
-    Ok(match (in_rows, in_blocks) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    })
+        .query_row(params![session_id, provider_id], |row| row.get(0))?)
 }
 
 /// The newest id in any block.
@@ -357,8 +348,7 @@ pub(crate) fn take_out(conn: &Connection, id: RequestId) -> Result<bool> {
     let stored = entry.stored();
     let rest = block_codec::without(&data, entry.span.clone());
     if rest.len() <= 1 {
-        conn.prepare_cached("DELETE FROM history_blocks WHERE first_id = ?1")?
-            .execute([first_id])?;
+        delete(conn, first_id)?;
     } else {
         conn.prepare_cached(
             "UPDATE history_blocks SET data = ?2, count = count - 1,
@@ -417,9 +407,8 @@ pub(crate) fn prune_by_age(conn: &Connection, cutoff: i64, limit: usize) -> Resu
             Ok((row.get(0)?, row.get(1)?))
         })?
         .collect::<rusqlite::Result<_>>()?;
-    let mut delete = conn.prepare_cached("DELETE FROM history_blocks WHERE first_id = ?1")?;
     for (first_id, _) in &victims {
-        delete.execute([first_id])?;
+        delete(conn, *first_id)?;
     }
     Ok((victims.iter().map(|(_, n)| n).sum(), victims.len()))
 }

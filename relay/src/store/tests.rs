@@ -70,6 +70,15 @@ async fn open_with_one_session(dir: &Path) -> Store {
     store
 }
 
+async fn open_with_two_sessions(dir: &Path) -> Store {
+    let store = open_with_one_session(dir).await;
+    store
+        .upsert_session(session("s2", SessionKind::Named))
+        .await
+        .unwrap();
+    store
+}
+
 fn copy_files(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for name in [DB_FILE.to_owned(), format!("{DB_FILE}-wal")] {
@@ -238,11 +247,7 @@ async fn headers_with_raw_bytes_and_duplicates_round_trip() {
 #[tokio::test]
 async fn queue_is_in_arrival_order_and_honours_backoff() {
     let tmp = tempfile::tempdir().unwrap();
-    let store = open_with_one_session(tmp.path()).await;
-    store
-        .upsert_session(session("s2", SessionKind::Named))
-        .await
-        .unwrap();
+    let store = open_with_two_sessions(tmp.path()).await;
     let mut ids = Vec::new();
     for i in 0..20 {
         // Same received_at for all: order must come from arrival, not the clock.
@@ -458,11 +463,7 @@ async fn attempts_and_replays_are_recorded() {
 #[tokio::test]
 async fn provider_retries_are_marked_duplicates() {
     let tmp = tempfile::tempdir().unwrap();
-    let store = open_with_one_session(tmp.path()).await;
-    store
-        .upsert_session(session("s2", SessionKind::Named))
-        .await
-        .unwrap();
+    let store = open_with_two_sessions(tmp.path()).await;
     let github = |session: &str| {
         NewRequest::new(
             session,
@@ -518,11 +519,7 @@ type Sent = (RequestId, i64, &'static str, String, u16);
 #[tokio::test]
 async fn list_filters_and_pages() {
     let tmp = tempfile::tempdir().unwrap();
-    let store = open_with_one_session(tmp.path()).await;
-    store
-        .upsert_session(session("s2", SessionKind::Named))
-        .await
-        .unwrap();
+    let store = open_with_two_sessions(tmp.path()).await;
     store
         .record_request(request("s2", "/webhooks/x", RequestState::Queued))
         .await
@@ -1219,11 +1216,7 @@ fn stored_in_tables(conn: &Connection) -> u64 {
 #[tokio::test]
 async fn passed_through_exchanges_are_written_in_blocks_and_read_like_rows() {
     let tmp = tempfile::tempdir().unwrap();
-    let store = open_with_one_session(tmp.path()).await;
-    store
-        .upsert_session(session("s2", SessionKind::Named))
-        .await
-        .unwrap();
+    let store = open_with_two_sessions(tmp.path()).await;
     let queued_first = store
         .record_request(request("s1", "/q/1", RequestState::Queued))
         .await
