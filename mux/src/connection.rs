@@ -32,6 +32,9 @@ const MAX_BATCH: usize = 64;
 /// Most bytes gathered into one flush: beyond, what is gathered is written first.
 const MAX_BATCH_BYTES: usize = 512 * 1024;
 
+/// Most streams open at once on one connection, by default ([`MuxConfig::max_streams`]).
+pub const MAX_STREAMS: usize = 1024;
+
 /// Settings of one multiplexed connection.
 #[derive(Debug, Clone)]
 pub struct MuxConfig {
@@ -57,7 +60,7 @@ impl Default for MuxConfig {
     fn default() -> Self {
         MuxConfig {
             heartbeat_timeout: Duration::from_secs(30),
-            max_streams: 1024,
+            max_streams: MAX_STREAMS,
             send_queue: 256,
             recv_window: STREAM_WINDOW,
             send_window: STREAM_WINDOW,

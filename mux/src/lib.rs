@@ -19,7 +19,9 @@ mod stream;
 mod writer;
 
 pub use body::{BodyError, BodyTap, TunnelBody};
-pub use connection::{ControlHandler, Mux, MuxConfig, MuxHandle, MuxStats, PendingMux};
+pub use connection::{
+    ControlHandler, Mux, MuxConfig, MuxHandle, MuxStats, PendingMux, MAX_STREAMS,
+};
 pub use io::{MuxIo, Side};
 pub use stream::{EncodedControl, PumpError, StreamGuard, StreamSender};
 

@@ -155,6 +155,8 @@ pub struct ReadGate {
     permits: Arc<Semaphore>,
     read: Arc<watch::Sender<u64>>,
     chunks: Arc<AtomicU64>,
+    /// Reads that have asked the gate for a permit (waiting or through).
+    asked: Arc<watch::Sender<u64>>,
 }
 
 impl Default for ReadGate {
@@ -176,6 +178,7 @@ impl ReadGate {
             permits,
             read: Arc::new(watch::channel(0).0),
             chunks: Arc::new(AtomicU64::new(0)),
+            asked: Arc::new(watch::channel(0).0),
         }
     }
 
@@ -224,7 +227,24 @@ impl ReadGate {
         }
     }
 
+    /// Waits until at least `at_least` reads have asked the gate for a permit (so, with a
+    /// closed gate and one read per body, that many requests are held at the gate at once);
+    /// panics after [`WAIT_TIMEOUT`].
+    pub async fn wait_reads_asked(&self, at_least: u64) {
+        let mut rx = self.asked.subscribe();
+        if tokio::time::timeout(WAIT_TIMEOUT, rx.wait_for(|n| *n >= at_least))
+            .await
+            .is_err()
+        {
+            panic!(
+                "ReadGate: only {} of {at_least} reads reached the gate within {WAIT_TIMEOUT:?}",
+                *self.asked.borrow()
+            );
+        }
+    }
+
     async fn acquire(&self) {
+        self.asked.send_modify(|n| *n += 1);
         if let Ok(permit) = self.permits.acquire().await {
             permit.forget();
         }

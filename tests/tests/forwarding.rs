@@ -303,3 +303,33 @@ async fn response_header_values_that_are_not_utf8_come_back_intact() {
     assert_eq!(response.header_all("x-dup"), vec![&b"1"[..], b"2"]);
     assert_eq!(response.body, b"ok");
 }
+
+#[tokio::test]
+async fn connections_to_the_app_are_kept_for_a_burst_larger_than_64() {
+    // 100 webhooks at once need 100 connections to the app; a second burst must reuse them
+    // all rather than close and reopen some (churn that costs a third of the throughput).
+    const BURST: u64 = 100;
+    let gate = ReadGate::new();
+    let (_relay, client, origin) = tunnel(Behaviour::SlowReader(gate.clone())).await;
+    let url = format!("{}/burst", client.url);
+    for round in 1..=2 {
+        let calls: Vec<_> = (0..BURST)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { send(Method::POST, &url, &[], "x").await })
+            })
+            .collect();
+        // Every request is at the app at once (one read each, the gate closed): one
+        // connection each.
+        gate.wait_reads_asked(BURST * round).await;
+        gate.allow(BURST as usize);
+        for call in calls {
+            assert_eq!(call.await.unwrap().0, 200);
+        }
+        assert_eq!(
+            origin.connections(),
+            BURST,
+            "connections after round {round}"
+        );
+    }
+}
