@@ -29,6 +29,11 @@ const SMALL_PAYLOAD: usize = 8 * 1024;
 /// Most messages written between two flushes of the WebSocket.
 const MAX_BATCH: usize = 64;
 
+/// Messages waiting for the writer at which it writes at once instead of waiting for every
+/// ready task to queue its own (docs/BENCHMARKS.md, finding 21): a burst of 64 requests leaves
+/// in four writes, not one, so the peer's work on the first overlaps this side's on the rest.
+pub(crate) const FLUSH_AT: usize = 16;
+
 /// Most bytes gathered into one flush: beyond, what is gathered is written first.
 const MAX_BATCH_BYTES: usize = 512 * 1024;
 
@@ -109,6 +114,8 @@ impl MuxStats {
 /// State shared by the tasks and handles of one connection.
 pub(crate) struct Shared {
     streams: Mutex<HashMap<u32, Arc<Slot>>>,
+    /// Signalled by senders when [`FLUSH_AT`] messages wait in the writer's queue.
+    pub(crate) batch_ready: tokio::sync::Notify,
     pub(crate) closed: CancellationToken,
     reason: Mutex<Option<String>>,
     pub(crate) stats: Arc<MuxStats>,
@@ -304,6 +311,7 @@ impl Mux {
                 .expect("a fresh queue has room");
         }
         let shared = Arc::new(Shared {
+            batch_ready: tokio::sync::Notify::new(),
             streams: Mutex::new(HashMap::new()),
             closed: CancellationToken::new(),
             reason: Mutex::new(None),
@@ -499,9 +507,16 @@ async fn write_loop<S>(
                     let Some(msg) = msg else { return Ok(()) };
                     writer.queue(msg);
                     // Other streams open: let the tasks that are ready run first, so that
-                    // what they send shares this write (and the peer's wake-up).
+                    // what they send shares this write (and the peer's wake-up), but write
+                    // as soon as a batch is full rather than after every ready task, so the
+                    // peer starts on the first requests of a burst while this side still
+                    // produces the rest.
                     if shared.open_streams() > 1 {
-                        tokio::task::yield_now().await;
+                        tokio::select! {
+                            biased;
+                            _ = shared.batch_ready.notified() => {}
+                            _ = tokio::task::yield_now() => {}
+                        }
                     }
                     // Batch what else is already queued into the same write (a bounded
                     // batch, so a busy queue cannot hold back what is already encoded).

@@ -12,7 +12,7 @@ use http_body_util::BodyExt;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::connection::Shared;
+use crate::connection::{Shared, FLUSH_AT};
 use crate::writer::Outgoing;
 use crate::MuxError;
 
@@ -220,6 +220,15 @@ impl StreamSender {
             biased;
             _ = self.slot.cancel.cancelled() => Err(MuxError::Cancelled(self.slot.cancel_reason())),
             sent = self.out.send(msg) => sent.map_err(|_| MuxError::Closed(self.slot.shared.close_reason())),
+        }?;
+        self.note_queued();
+        Ok(())
+    }
+
+    /// Wakes the writer when a full batch waits for it (see [`FLUSH_AT`]).
+    fn note_queued(&self) {
+        if self.out.max_capacity() - self.out.capacity() >= FLUSH_AT {
+            self.slot.shared.batch_ready.notify_one();
         }
     }
 
@@ -318,6 +327,7 @@ impl StreamSender {
                     first.send(head);
                     second.send(frame);
                 }
+                self.note_queued();
             }
             None => {
                 self.send(head).await?;
