@@ -9,11 +9,11 @@ use ferry_mux::{MuxHandle, PumpError, StreamGuard, StreamSender, TunnelBody};
 use ferry_protocol::{Control, HeaderList, RequestHead, ResponseHead};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Either, Empty};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper::client::conn::http1::SendRequest;
 use tokio::sync::mpsc;
 use tracing::debug;
+
+use crate::app::AppConnections;
 
 use crate::dedupe::{DeliveredIds, Seen};
 use crate::events::{millis, Event, RequestEvent};
@@ -27,7 +27,7 @@ type CountFn = Box<dyn FnMut(http_body::Frame<Bytes>) -> http_body::Frame<Bytes>
 pub(crate) struct Forwarder {
     pub(crate) target: Target,
     pub(crate) timeout: Duration,
-    client: Client<HttpConnector, AppBody>,
+    app: Arc<AppConnections<AppBody>>,
     events: mpsc::Sender<Event>,
     next_id: AtomicU64,
     /// Delivery ids already handed to the app, for the current session.
@@ -38,22 +38,22 @@ pub(crate) struct Forwarder {
 pub const DUPLICATE_HEADER: &str = "ferry-duplicate";
 
 impl Forwarder {
+    /// Must be called within a tokio runtime (the pool of connections to the app starts a task).
     pub(crate) fn new(target: Target, timeout: Duration, events: mpsc::Sender<Event>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(10)));
         // Every request in flight may hold a connection to the app; keep them all for reuse
         // (a smaller pool would close and reopen connections under a burst: at 128 concurrent
         // requests and 64 kept, 5,000 new connections in 3 s and a third less throughput).
         // Bounded by the streams a tunnel carries at once; idle ones close after 30 s.
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(ferry_mux::MAX_STREAMS)
-            .build(connector);
+        let app = AppConnections::new(
+            target.authority().to_string(),
+            ferry_mux::MAX_STREAMS,
+            Duration::from_secs(30),
+            Duration::from_secs(10),
+        );
         Forwarder {
             target,
             timeout,
-            client,
+            app,
             events,
             next_id: AtomicU64::new(1),
             delivered: Mutex::new(None),
@@ -151,7 +151,7 @@ impl Forwarder {
             Err(detail) => Err((StatusCode::BAD_REQUEST, "bad request", detail)),
         };
         match outcome {
-            Ok(response) => {
+            Ok((response, connection)) => {
                 event.status = response.status().as_u16();
                 // The app answered: unless it failed (5xx, which the relay retries), the id
                 // is on disk before the relay hears of it, so a redelivery after a lost
@@ -172,6 +172,7 @@ impl Forwarder {
                     has_body,
                 };
                 if !has_body {
+                    self.app.release(connection);
                     match sender.send_control(Control::ResponseHead(head)).await {
                         Ok(()) => guard.finish(),
                         Err(err) => event.error = Some(err.to_string()),
@@ -182,6 +183,8 @@ impl Forwarder {
                         .await
                     {
                         Ok(sent) => {
+                            // The answer was read to its end: the connection can take another.
+                            self.app.release(connection);
                             event.response_bytes = sent;
                             guard.finish();
                         }
@@ -289,7 +292,8 @@ impl Forwarder {
     ) -> Result<Request<AppBody>, String> {
         let method = Method::from_bytes(head.method.as_bytes())
             .map_err(|_| format!("invalid method {:?}", head.method))?;
-        let uri = self.target.uri_for(&head.target)?;
+        // Origin form (`/path?query`): the connection is to the target, and only to it.
+        let uri = http::Uri::from(self.target.path_for(&head.target)?);
         let mut headers = HeaderMap::with_capacity(head.headers.len() + 1);
         for (name, value) in head.headers.iter_shared() {
             let name = HeaderName::from_bytes(name.as_bytes())
@@ -322,15 +326,20 @@ impl Forwarder {
         Ok(request)
     }
 
+    /// Sends `request` to the app; the connection comes back with the response, to be
+    /// released once the response's body has been read.
     async fn call(
         &self,
         request: Request<AppBody>,
-    ) -> Result<http::Response<hyper::body::Incoming>, (StatusCode, &'static str, String)> {
+    ) -> Result<
+        (http::Response<hyper::body::Incoming>, SendRequest<AppBody>),
+        (StatusCode, &'static str, String),
+    > {
         let target = &self.target;
-        match tokio::time::timeout(self.timeout, self.client.request(request)).await {
-            Ok(Ok(response)) => Ok(response),
+        match tokio::time::timeout(self.timeout, self.app.send(request)).await {
+            Ok(Ok(answer)) => Ok(answer),
             Ok(Err(err)) => {
-                let cause = describe(&err);
+                let cause = err.describe();
                 Err((
                     StatusCode::BAD_GATEWAY,
                     "local app unreachable",
@@ -357,21 +366,6 @@ impl Drop for DedupeGuard {
         if let Some((ids, id)) = self.0.take() {
             ids.abandon(&id);
         }
-    }
-}
-
-/// The innermost cause of a client error, in words.
-fn describe(err: &hyper_util::client::legacy::Error) -> String {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
-    let mut text = err.to_string();
-    while let Some(inner) = source {
-        text = inner.to_string();
-        source = inner.source();
-    }
-    if err.is_connect() {
-        format!("{text} (is the app running?)")
-    } else {
-        text
     }
 }
 

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 pub mod api;
+mod app;
 mod commands;
 mod config;
 mod connect;

@@ -79,6 +79,18 @@ impl Target {
     /// relay received it: empty, `/…` or `?…`). Anything else is refused, so a request head can
     /// never point the client at another host.
     pub fn uri_for(&self, rest: &str) -> Result<Uri, String> {
+        let path_and_query = self.path_for(rest)?;
+        Uri::builder()
+            .scheme("http")
+            .authority(self.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|e| format!("invalid request URI: {e}"))
+    }
+
+    /// The path and query (the request target in origin form) for `rest`, as in
+    /// [`Target::uri_for`].
+    pub fn path_for(&self, rest: &str) -> Result<PathAndQuery, String> {
         if !(rest.is_empty() || rest.starts_with('/') || rest.starts_with('?')) {
             return Err(format!("request target {rest:?} is not a path"));
         }
@@ -88,14 +100,7 @@ impl Target {
         if !path.starts_with('/') {
             path.insert(0, '/');
         }
-        let path_and_query = PathAndQuery::try_from(path.as_str())
-            .map_err(|_| format!("invalid request path {path:?}"))?;
-        Uri::builder()
-            .scheme("http")
-            .authority(self.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(|e| format!("invalid request URI: {e}"))
+        PathAndQuery::try_from(path).map_err(|e| format!("invalid request path: {e}"))
     }
 }
 
