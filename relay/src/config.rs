@@ -66,8 +66,8 @@ pub struct Args {
     pub record_max_body: Option<u64>,
 
     /// Memory for bodies on their way to history (K, M, G allowed). One body takes at most half
-    /// of it; beyond, bodies are kept in part (and cannot be replayed). Raise it to keep larger
-    /// bodies whole (GitHub sends up to 25 MB).
+    /// of it; a body beyond keeps only its first 64 KiB (and cannot be replayed). Raise it to
+    /// keep larger bodies whole (GitHub sends up to 25 MB).
     #[arg(long, default_value = "8M", value_parser = parse_size)]
     pub record_buffer: u64,
 

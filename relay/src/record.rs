@@ -72,8 +72,15 @@ impl Drop for Held {
     }
 }
 
-/// A body's first `limit` bytes (fewer when the [`Budget`] runs out), kept as the chunks that
-/// passed (no copy until the end), and its full length.
+/// What a body keeps, for show, once it is known that history cannot keep it whole because of
+/// the shared [`Budget`] (its share of `--record-buffer`, or the buffer running out). Such a
+/// record cannot be replayed whatever it keeps, and copying megabytes of it into history cost
+/// the relay ~2 ms per 5 MiB upload (docs/BENCHMARKS.md, finding 24).
+const PREVIEW: usize = 64 * 1024;
+
+/// A body's first `limit` bytes, kept as the chunks that passed (no copy until the end), and
+/// its full length. A body the [`Budget`] cannot hold whole keeps only its first [`PREVIEW`]
+/// bytes (and gives the rest of its share back at once).
 pub(crate) struct Capture {
     chunks: Vec<Bytes>,
     kept: usize,
@@ -81,6 +88,8 @@ pub(crate) struct Capture {
     len: u64,
     /// Out of budget: nothing more is kept, so the copy stays a prefix.
     starved: bool,
+    /// Known to be too large for the budget: keeps a preview only.
+    preview: bool,
     held: Held,
 }
 
@@ -92,7 +101,33 @@ impl Capture {
             limit,
             len: 0,
             starved: false,
+            preview: false,
             held: Held { budget, bytes: 0 },
+        }
+    }
+
+    /// The most this body may keep.
+    fn cap(&self) -> usize {
+        let per_body = self.held.budget.per_body;
+        if self.preview {
+            PREVIEW.min(self.limit).min(per_body)
+        } else {
+            self.limit.min(per_body)
+        }
+    }
+
+    /// Whether a body of `len` bytes is more than its share of the budget lets it keep, where
+    /// `--record-max-body` alone would have kept more.
+    fn beyond_share(&self, len: u64) -> bool {
+        let per_body = self.held.budget.per_body;
+        self.limit > per_body && len > per_body as u64
+    }
+
+    /// The body will be `len` bytes long (its `Content-Length`): one too large for its share
+    /// keeps a preview from the start.
+    pub(crate) fn announce(&mut self, len: u64) {
+        if self.beyond_share(len) {
+            self.keep_preview();
         }
     }
 
@@ -101,15 +136,44 @@ impl Capture {
         if self.starved {
             return;
         }
-        let limit = self.limit.min(self.held.budget.per_body);
-        let want = bytes.len().min(limit.saturating_sub(self.kept));
+        if !self.preview && self.beyond_share(self.len) {
+            self.keep_preview();
+        }
+        let want = bytes.len().min(self.cap().saturating_sub(self.kept));
         let granted = self.held.budget.take(want);
         self.held.bytes += granted;
-        self.starved = granted < want;
         if granted > 0 {
             self.kept += granted;
             self.chunks.push(bytes.slice(..granted));
         }
+        if granted < want {
+            self.starved = true;
+            self.keep_preview();
+        }
+    }
+
+    /// Keeps no more than a preview from now on, and gives back what was kept beyond it.
+    fn keep_preview(&mut self) {
+        self.preview = true;
+        let cap = self.cap();
+        if self.kept <= cap {
+            return;
+        }
+        let mut kept = 0;
+        self.chunks.retain_mut(|chunk| {
+            if kept >= cap {
+                return false;
+            }
+            if kept + chunk.len() > cap {
+                chunk.truncate(cap - kept);
+            }
+            kept += chunk.len();
+            true
+        });
+        let released = self.kept - kept;
+        self.kept = kept;
+        self.held.bytes -= released;
+        self.held.budget.left.fetch_add(released, Ordering::AcqRel);
     }
 
     /// The kept bytes (in one piece), the full length, and the budget they hold.
@@ -141,8 +205,11 @@ pub(crate) struct Tee<B> {
     capture: Option<Arc<Mutex<Capture>>>,
 }
 
-impl<B> Tee<B> {
+impl<B: Body> Tee<B> {
     pub(crate) fn new(inner: B, capture: Option<Arc<Mutex<Capture>>>) -> Self {
+        if let (Some(capture), Some(len)) = (&capture, inner.size_hint().exact()) {
+            capture.lock().expect("capture lock").announce(len);
+        }
         Tee { inner, capture }
     }
 }
@@ -406,5 +473,48 @@ mod tests {
         third.push(&Bytes::from_static(b"no"));
         let (kept, len, _held) = third.take();
         assert_eq!((&kept[..], len), (&b"k"[..], 5));
+    }
+
+    #[test]
+    fn a_body_beyond_its_share_keeps_a_preview_and_gives_the_rest_back_at_once() {
+        // 1 MiB buffer: 512 KiB per body, under a --record-max-body of 32 MiB.
+        let budget = Budget::new(1 << 20);
+        let mut capture = Capture::new(32 << 20, budget.clone());
+        let chunk = Bytes::from(vec![7u8; 200 * 1024]);
+        for _ in 0..2 {
+            capture.push(&chunk); // 400 KiB: within its share, all kept so far
+        }
+        assert_eq!(budget.left.load(Ordering::Acquire), (1 << 20) - 400 * 1024);
+        capture.push(&chunk); // 600 KiB: beyond its share
+        assert_eq!(
+            budget.left.load(Ordering::Acquire),
+            (1 << 20) - PREVIEW,
+            "all but the preview given back before the body ends"
+        );
+        capture.push(&chunk);
+        let (kept, len, _held) = capture.take();
+        assert_eq!((kept.len(), len), (PREVIEW, 800 * 1024));
+    }
+
+    #[test]
+    fn a_body_announced_beyond_its_share_never_holds_more_than_a_preview() {
+        let budget = Budget::new(1 << 20);
+        let mut capture = Capture::new(32 << 20, budget.clone());
+        capture.announce(5 << 20);
+        capture.push(&Bytes::from(vec![1u8; 300 * 1024]));
+        assert_eq!(budget.left.load(Ordering::Acquire), (1 << 20) - PREVIEW);
+        let (kept, len, _held) = capture.take();
+        assert_eq!((kept.len(), len), (PREVIEW, 300 * 1024));
+    }
+
+    #[test]
+    fn a_body_cut_by_record_max_body_keeps_that_much() {
+        // --record-max-body 100 KiB, below the 512 KiB share: the user's cut, not a preview.
+        let budget = Budget::new(1 << 20);
+        let mut capture = Capture::new(100 * 1024, budget.clone());
+        capture.announce(5 << 20);
+        capture.push(&Bytes::from(vec![1u8; 300 * 1024]));
+        let (kept, len, _held) = capture.take();
+        assert_eq!((kept.len(), len), (100 * 1024, 300 * 1024));
     }
 }
