@@ -14,7 +14,6 @@ use tokio::sync::mpsc;
 use tracing::debug;
 
 use crate::app::AppConnections;
-
 use crate::dedupe::{DeliveredIds, Seen};
 use crate::events::{millis, Event, RequestEvent};
 use crate::target::Target;
