@@ -190,73 +190,55 @@ async fn cancel_aborts_one_stream_and_leaves_the_others() {
     assert!(!mux_a.is_closed() && !mux_b.is_closed());
 }
 
+/// Opens `streams` streams, makes every one ready to send a small frame at once (one task
+/// spawns all the senders, as when one readiness event of the relay's poller brings many
+/// requests), and returns how many writes carried the frames.
+async fn writes_for_a_burst(streams: u32) -> u64 {
+    let (a, b) = socket_pair().await;
+    let (mux_a, _ta) = Mux::spawn(a, config(), Ignore);
+    let (mux_b, _tb) = Mux::spawn(b, config(), Ignore);
+    let mut senders = Vec::new();
+    let mut bodies = Vec::new();
+    for id in 1..=streams {
+        let (sender, _, _, guard) = mux_a.open_stream(id).unwrap();
+        senders.push((sender, guard));
+        let (_, body, _, guard) = mux_b.open_stream(id).unwrap();
+        bodies.push((body, guard));
+    }
+    let before = mux_a.stats().writes();
+    tokio::spawn(async move {
+        for (sender, guard) in senders {
+            tokio::spawn(async move {
+                let _guard = guard;
+                sender.send_data(Bytes::from_static(b"{}"), true).await
+            });
+        }
+    });
+    for (body, _guard) in bodies {
+        assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"{}");
+    }
+    mux_a.stats().writes() - before
+}
+
 /// The relay's runtime (one worker) runs a task woken by the one running next (tokio's "LIFO
 /// slot"): without care the writer would wake after each stream's frame and write it alone.
 /// Frames that many busy streams queue at once must share writes (and the peer's wake-ups).
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn frames_of_many_busy_streams_share_writes() {
     const STREAMS: u32 = 32;
-    let (a, b) = socket_pair().await;
-    let (mux_a, _ta) = Mux::spawn(a, config(), Ignore);
-    let (mux_b, _tb) = Mux::spawn(b, config(), Ignore);
-    let mut senders = Vec::new();
-    let mut bodies = Vec::new();
-    for id in 1..=STREAMS {
-        let (sender, _, _, guard) = mux_a.open_stream(id).unwrap();
-        senders.push((sender, guard));
-        let (_, body, _, guard) = mux_b.open_stream(id).unwrap();
-        bodies.push((body, guard));
-    }
-    let before = mux_a.stats().writes();
-    // One task spawns every sender, so they are all ready at once, as when one readiness
-    // event of the relay's poller brings many requests.
-    tokio::spawn(async move {
-        for (sender, guard) in senders {
-            tokio::spawn(async move {
-                let _guard = guard;
-                sender.send_data(Bytes::from_static(b"{}"), true).await
-            });
-        }
-    });
-    for (body, _guard) in bodies {
-        assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"{}");
-    }
-    let writes = mux_a.stats().writes() - before;
+    let writes = writes_for_a_burst(STREAMS).await;
     assert!(
         writes <= u64::from(STREAMS) / 4,
         "{STREAMS} frames ready together took {writes} writes"
     );
 }
 
+/// 128 streams ready at once: the writer does not wait for all of them to queue before the
+/// first write (the peer would sit idle meanwhile), nor write each alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn a_burst_of_ready_streams_leaves_in_several_batches() {
-    // 128 streams ready at once: the writer does not wait for all of them to queue before
-    // the first write (the peer would sit idle meanwhile), nor write each alone.
     const STREAMS: u32 = 128;
-    let (a, b) = socket_pair().await;
-    let (mux_a, _ta) = Mux::spawn(a, config(), Ignore);
-    let (mux_b, _tb) = Mux::spawn(b, config(), Ignore);
-    let mut senders = Vec::new();
-    let mut bodies = Vec::new();
-    for id in 1..=STREAMS {
-        let (sender, _, _, guard) = mux_a.open_stream(id).unwrap();
-        senders.push((sender, guard));
-        let (_, body, _, guard) = mux_b.open_stream(id).unwrap();
-        bodies.push((body, guard));
-    }
-    let before = mux_a.stats().writes();
-    tokio::spawn(async move {
-        for (sender, guard) in senders {
-            tokio::spawn(async move {
-                let _guard = guard;
-                sender.send_data(Bytes::from_static(b"{}"), true).await
-            });
-        }
-    });
-    for (body, _guard) in bodies {
-        assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"{}");
-    }
-    let writes = mux_a.stats().writes() - before;
+    let writes = writes_for_a_burst(STREAMS).await;
     // A write at least every 16 queued frames (the writer's batch trigger; without it, the
     // writer waited for the runtime's I/O poll between batches: 4 writes here).
     assert!(
