@@ -11,7 +11,8 @@
 #   (cd /tmp/old && CARGO_TARGET_DIR=/tmp/old-target cargo build --release -p ferry-relay -p ferry)
 #   bench/ab.sh /tmp/old-target/release target/release
 #
-# Each round runs wrk -t2 with BENCH_CONNS connections (default 64) for BENCH_DURATION (default
+# Each round runs wrk (two threads, one with BENCH_CONNS=1) with BENCH_CONNS connections
+# (default 64; 1 measures latency) for BENCH_DURATION (default
 # 5s, after a 1 s warm-up), POSTing BENCH_SIZE bytes (default 1024) through relay and client to
 # bench-origin, and prints requests/s, the relay's, the client's and the origin's CPU
 # microseconds per request (/proc/PID/stat), and how idle the whole machine was (/proc/stat:
@@ -55,6 +56,7 @@ knows() { local option=$1; shift; "$@" --help 2>&1 | grep -q -- "$option"; }
 
 SIZE=${BENCH_SIZE:-1024}
 CONNS=${BENCH_CONNS:-64}
+THREADS=$((CONNS < 2 ? 1 : 2))
 python3 -c 'import base64, os, sys; n = int(sys.argv[1]); sys.stdout.write(base64.b64encode(os.urandom(n))[:n].decode())' "$SIZE" >"$WORK/body.json"
 ORIGIN_PORT=$(free_port)
 "$ORIGIN_BIN" --listen "127.0.0.1:$ORIGIN_PORT" >"$WORK/origin.log" 2>&1 &
@@ -78,18 +80,19 @@ round() {
   PIDS+=("$client")
   wait_for "$WORK/client-$n.log" '"event":"ready"'
   local url="http://127.0.0.1:$port/ab-test/hook"
-  WRK_BODY_FILE="$WORK/body.json" wrk -t2 -c"$CONNS" -d1s -s "$ROOT/bench/wrk/post.lua" "$url" >/dev/null
+  WRK_BODY_FILE="$WORK/body.json" wrk -t"$THREADS" -c"$CONNS" -d1s -s "$ROOT/bench/wrk/post.lua" "$url" >/dev/null
   r0=$(ticks "$relay"); c0=$(ticks "$client"); o0=$(ticks "$ORIGIN_PID"); s0=$(cpu_idle)
-  line=$(WRK_BODY_FILE="$WORK/body.json" wrk -t2 -c"$CONNS" -d"$DUR" -s "$ROOT/bench/wrk/post.lua" "$url" | grep '^BENCH ')
+  line=$(WRK_BODY_FILE="$WORK/body.json" wrk -t"$THREADS" -c"$CONNS" -d"$DUR" -s "$ROOT/bench/wrk/post.lua" "$url" | grep '^BENCH ')
   r1=$(ticks "$relay"); c1=$(ticks "$client"); o1=$(ticks "$ORIGIN_PID"); s1=$(cpu_idle)
   count=$(sed -n 's/.* requests=\([0-9]*\).*/\1/p' <<<"$line")
   local tck; tck=$(getconf CLK_TCK)
   awk -v d="$dir" -v l="$line" -v n="$count" -v r="$((r1 - r0))" -v c="$((c1 - c0))" -v t="$tck" \
     -v o="$((o1 - o0))" -v s0="$s0" -v s1="$s1" 'BEGIN {
     match(l, /rps=[0-9.]+/); rps = substr(l, RSTART + 4, RLENGTH - 4)
+    match(l, /p50_us=[0-9]+/); p50 = substr(l, RSTART + 7, RLENGTH - 7)
     split(s0, a, " "); split(s1, b, " ")
     idle = (b[2] - a[2]) * 100 / (b[1] - a[1])
-    printf "%s\trps=%.0f\trelay_cpu_us=%.1f\tclient_cpu_us=%.1f\torigin_cpu_us=%.1f\tidle_pct=%.0f\n", d, rps, r * 1e6 / t / n, c * 1e6 / t / n, o * 1e6 / t / n, idle
+    printf "%s\trps=%.0f\tp50_us=%s\trelay_cpu_us=%.1f\tclient_cpu_us=%.1f\torigin_cpu_us=%.1f\tidle_pct=%.0f\n", d, rps, p50, r * 1e6 / t / n, c * 1e6 / t / n, o * 1e6 / t / n, idle
   }'
   kill "$client" "$relay"
   wait "$client" "$relay" 2>/dev/null || true
