@@ -46,6 +46,8 @@ pub(crate) struct Welcome {
     pub(crate) resume_secret: String,
     /// The relay's receive window per stream: what each stream may send before credit returns.
     pub(crate) send_window: u32,
+    /// Whether heads and window updates go both ways in binary form (the relay agreed).
+    pub(crate) binary_control: bool,
 }
 
 /// WebSocket settings: small buffers for idle tunnels, frames sized to our chunks.
@@ -133,6 +135,7 @@ pub(crate) async fn connect(
         offline,
         respond: respond.cloned(),
         window: Some(ferry_protocol::flow::STREAM_WINDOW),
+        binary_control: Some(true),
     };
     let exchange = async {
         ws.send(Message::text(hello.encode())).await?;
@@ -169,6 +172,7 @@ pub(crate) async fn connect(
             url,
             resume_secret,
             window,
+            binary_control,
             ..
         }) => Ok((
             ws,
@@ -177,6 +181,7 @@ pub(crate) async fn connect(
                 url,
                 resume_secret,
                 send_window: ferry_protocol::flow::peer_window(window),
+                binary_control: binary_control == Some(true),
             },
         )),
         Ok(Control::Error { code, message }) => Err(match code {

@@ -178,7 +178,7 @@ impl Forwarder {
                     }
                 } else {
                     match sender
-                        .send_head_and_body(Control::ResponseHead(head), body, None)
+                        .send_head_and_body(sender.encode(&Control::ResponseHead(head)), body, None)
                         .await
                     {
                         Ok(sent) => {

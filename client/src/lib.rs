@@ -202,6 +202,7 @@ pub async fn run(
                     url: public_url,
                     resume_secret,
                     send_window,
+                    binary_control,
                 } = welcome;
                 resume = Some(Resume {
                     session: session.clone(),
@@ -236,6 +237,7 @@ pub async fn run(
                     stats: config.stats.clone(),
                     recv_window: ferry_protocol::flow::STREAM_WINDOW,
                     send_window,
+                    binary_control,
                     ..MuxConfig::default()
                 };
                 let (mux, mut task) = Mux::spawn(ws, mux_config, handler);

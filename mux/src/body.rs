@@ -109,7 +109,7 @@ impl TunnelBody {
                 stream: self.slot.id,
                 increment: self.unreturned,
             };
-            let _ = out.send_item(Outgoing::Text(msg.encode()));
+            let _ = out.send_item(self.slot.shared.encode(&msg));
         }
         self.unreturned = 0;
         Poll::Ready(())

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ferry_protocol::flow::{max_frames, STREAM_WINDOW};
-use ferry_protocol::{Control, DataFrame, ErrorCode};
+use ferry_protocol::{BinaryMessage, Control, DataFrame, ErrorCode};
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
@@ -57,6 +57,10 @@ pub struct MuxConfig {
     /// Set it to what the peer advertised ([`peer_window`](ferry_protocol::flow::peer_window)).
     /// Default [`STREAM_WINDOW`].
     pub send_window: u32,
+    /// Whether the peer asked for heads and window updates in binary form (`binary_control`
+    /// in the handshake, [`ferry_protocol::binary`]): they are sent so, instead of as JSON.
+    /// Either form is read whatever this says. Default `false`.
+    pub binary_control: bool,
     /// Counters to update; share one between connections to watch them all.
     pub stats: Arc<MuxStats>,
 }
@@ -69,6 +73,7 @@ impl Default for MuxConfig {
             send_queue: 256,
             recv_window: STREAM_WINDOW,
             send_window: STREAM_WINDOW,
+            binary_control: false,
             stats: Arc::default(),
         }
     }
@@ -123,6 +128,16 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// `msg` for the writer, in binary form when the peer reads it and `msg` has one.
+    pub(crate) fn encode(&self, msg: &Control) -> Outgoing {
+        if self.config.binary_control {
+            if let Some(bytes) = msg.encode_binary() {
+                return Outgoing::Binary(bytes);
+            }
+        }
+        Outgoing::Text(msg.encode())
+    }
+
     pub(crate) fn remove(&self, id: u32) {
         self.streams.lock().expect("stream table").remove(&id);
     }
@@ -226,7 +241,7 @@ impl MuxHandle {
     /// Sends a connection-level control message.
     pub async fn send_control(&self, msg: Control) -> Result<(), MuxError> {
         self.out
-            .send(Outgoing::Text(msg.encode()))
+            .send(self.shared.encode(&msg))
             .await
             .map_err(|_| MuxError::Closed(self.shared.close_reason()))
     }
@@ -408,7 +423,11 @@ where
             }
         };
         let result = match msg {
-            Message::Binary(bytes) => on_data(shared, bytes),
+            Message::Binary(bytes) => match BinaryMessage::decode(bytes) {
+                Ok(BinaryMessage::Data(frame)) => on_data(shared, frame),
+                Ok(BinaryMessage::Control(control)) => on_control(mux, handler, control),
+                Err(err) => Err(format!("protocol error: {err}")),
+            },
             Message::Text(text) => match Control::decode(text.as_str()) {
                 Ok(control) => on_control(mux, handler, control),
                 Err(err) => Err(format!("protocol error: {err}")),
@@ -434,8 +453,7 @@ where
     }
 }
 
-fn on_data(shared: &Shared, bytes: Bytes) -> Result<(), String> {
-    let mut frame = DataFrame::decode(bytes).map_err(|err| format!("protocol error: {err}"))?;
+fn on_data(shared: &Shared, mut frame: DataFrame) -> Result<(), String> {
     if frame.payload.len() <= SMALL_PAYLOAD {
         // A small payload would pin the WebSocket's whole read buffer until the body is
         // consumed, making the next read allocate a fresh one: copying it is cheaper.

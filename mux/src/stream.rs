@@ -58,7 +58,7 @@ pub(crate) struct Slot {
     head: Mutex<Option<oneshot::Sender<Control>>>,
     pub(crate) cancel: CancellationToken,
     reason: Mutex<Option<String>>,
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl Slot {
@@ -179,23 +179,11 @@ pub enum PumpError {
     Mux(#[from] MuxError),
 }
 
-/// A control message encoded for the wire: lets a sender encode a message and still take its
-/// parts back afterwards (the relay keeps a request's headers for history without copying them).
-#[derive(Debug, Clone)]
-pub struct EncodedControl(String);
-
-impl EncodedControl {
-    /// Encodes `msg`.
-    pub fn new(msg: &Control) -> Self {
-        EncodedControl(msg.encode())
-    }
-}
-
-impl From<Control> for EncodedControl {
-    fn from(msg: Control) -> Self {
-        EncodedControl::new(&msg)
-    }
-}
+/// A control message encoded for the wire, in the form the peer reads
+/// ([`StreamSender::encode`]): lets a sender encode a message and still take its parts back
+/// afterwards (the relay keeps a request's headers for history without copying them).
+#[derive(Debug)]
+pub struct EncodedControl(Outgoing);
 
 /// Sends one stream's body bytes and control messages, respecting the peer's window.
 #[derive(Clone)]
@@ -210,9 +198,19 @@ impl StreamSender {
         self.slot.id
     }
 
+    /// Encodes `msg` in the form the peer reads: binary for a head when it asked for that.
+    pub fn encode(&self, msg: &Control) -> EncodedControl {
+        EncodedControl(self.slot.shared.encode(msg))
+    }
+
     /// Sends a control message (a head, usually) on the connection.
-    pub async fn send_control(&self, msg: impl Into<EncodedControl>) -> Result<(), MuxError> {
-        self.send(Outgoing::Text(msg.into().0)).await
+    pub async fn send_control(&self, msg: Control) -> Result<(), MuxError> {
+        self.send(self.slot.shared.encode(&msg)).await
+    }
+
+    /// Sends a control message encoded by [`StreamSender::encode`].
+    pub async fn send_encoded(&self, msg: EncodedControl) -> Result<(), MuxError> {
+        self.send(msg.0).await
     }
 
     async fn send(&self, msg: Outgoing) -> Result<(), MuxError> {
@@ -277,7 +275,7 @@ impl StreamSender {
     /// leave in one write and the peer sees head and body at once.
     pub async fn send_head_and_body<B>(
         &self,
-        head: impl Into<EncodedControl>,
+        head: EncodedControl,
         body: B,
         limit: Option<u64>,
     ) -> Result<u64, PumpError>
@@ -286,7 +284,7 @@ impl StreamSender {
         B::Error: std::fmt::Display,
     {
         let mut body = std::pin::pin!(body);
-        let head = Outgoing::Text(head.into().0);
+        let head = head.0;
         let first = match body.frame().now_or_never() {
             Some(Some(Ok(frame))) => frame.into_data().ok().map(|data| (data, false)),
             Some(Some(Err(err))) => return Err(PumpError::Body(err.to_string())),

@@ -41,6 +41,8 @@ const CLOSE_NORMAL: u16 = 1000;
 pub(crate) enum Outgoing {
     /// A control message: a text frame holding its JSON.
     Text(String),
+    /// A control message in binary form, frame header included: a binary frame.
+    Binary(Bytes),
     /// One chunk of one stream's body: a binary frame.
     Data {
         stream: u32,
@@ -84,6 +86,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
                 self.frame(OP_TEXT, text.as_bytes(), None);
             }
             Outgoing::Text(text) => self.frame(OP_TEXT, &[], Some(Bytes::from(text))),
+            Outgoing::Binary(bytes) => self.frame(OP_BINARY, &[], Some(bytes)),
             Outgoing::Data {
                 stream,
                 end,

@@ -5,7 +5,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use ferry_mux::{ControlHandler, Mux, MuxConfig, MuxHandle, MuxIo, Side};
 use ferry_protocol::flow::{update_threshold, DEFAULT_WINDOW, STREAM_WINDOW};
-use ferry_protocol::{Control, DataFrame};
+use ferry_protocol::{BinaryMessage, Control, DataFrame, ResponseHead};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use http_body_util::BodyExt;
 use tokio::io::DuplexStream;
@@ -146,6 +146,9 @@ async fn malformed_frames_close_the_connection_without_panicking() {
         Message::Binary(Bytes::from_static(&[0, 0, 0, 1, 0xff])),
         Message::text("{not json"),
         Message::text(r#"{"type":"window","stream":1,"increment":4294967295}"#),
+        // A binary control message of an unknown kind, and a truncated window update.
+        Message::Binary(Bytes::from_static(&[0, 0, 0, 1, 0x80, 9])),
+        Message::Binary(Bytes::from_static(&[0, 0, 0, 1, 0x80, 3, 0, 0])),
     ] {
         let (a, mut raw) = socket_pair().await;
         let (mux, task) = Mux::spawn(a, config(), Ignore);
@@ -156,6 +159,45 @@ async fn malformed_frames_close_the_connection_without_panicking() {
             .expect("connection closed")
             .unwrap();
         assert!(reason.contains("protocol error"), "{garbage:?}: {reason}");
+    }
+}
+
+/// Heads leave in binary form only for a peer that asked for it (`binary_control`), and a head
+/// is read in either form whatever this side sends.
+#[tokio::test]
+async fn heads_go_in_binary_form_only_to_a_peer_that_reads_them() {
+    for binary_control in [false, true] {
+        let (a, mut raw) = socket_pair().await;
+        let config = MuxConfig {
+            binary_control,
+            ..config()
+        };
+        let (mux, _task) = Mux::spawn(a, config, Ignore);
+        let (sender, _, head_rx, _guard) = mux.open_stream(1).unwrap();
+        let head = Control::ResponseHead(ResponseHead {
+            stream: 1,
+            status: 201,
+            headers: [("x-a", &b"\xff"[..]), ("x-a", b"2")].into_iter().collect(),
+            has_body: false,
+        });
+        sender.send_control(head.clone()).await.unwrap();
+        let sent = match raw.next().await.unwrap().unwrap() {
+            Message::Binary(bytes) if binary_control => match BinaryMessage::decode(bytes) {
+                Ok(BinaryMessage::Control(control)) => control,
+                other => panic!("expected a binary head, got {other:?}"),
+            },
+            Message::Text(text) if !binary_control => Control::decode(text.as_str()).unwrap(),
+            other => panic!("binary_control {binary_control}: got {other:?}"),
+        };
+        assert_eq!(sent, head);
+        raw.send(Message::Binary(head.encode_binary().unwrap()))
+            .await
+            .unwrap();
+        let received = tokio::time::timeout(Duration::from_secs(5), head_rx)
+            .await
+            .expect("the head arrives")
+            .unwrap();
+        assert_eq!(received, head);
     }
 }
 

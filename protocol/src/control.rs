@@ -181,6 +181,10 @@ pub enum Control {
         /// [`DEFAULT_WINDOW`](crate::flow::DEFAULT_WINDOW).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         window: Option<u32>,
+        /// Whether the client reads heads and window updates in binary form
+        /// ([`binary`](crate::binary)) and would like them so; absent means JSON only.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        binary_control: Option<bool>,
     },
     /// Relay → client, answer to `Hello`: the session is live.
     Welcome {
@@ -196,6 +200,10 @@ pub enum Control {
         /// [`DEFAULT_WINDOW`](crate::flow::DEFAULT_WINDOW).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         window: Option<u32>,
+        /// Whether both sides send heads and window updates in binary form from now on: the
+        /// relay's yes to the client's `binary_control` (absent: JSON only, both ways).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        binary_control: Option<bool>,
     },
     /// Relay → client: a request to forward.
     RequestHead(RequestHead),
@@ -274,14 +282,28 @@ mod tests {
     fn handshakes_of_builds_before_window_negotiation_still_decode() {
         let hello = Control::decode(r#"{"type":"hello","version":1,"agent":"ferry/0.1.0"}"#);
         assert!(
-            matches!(hello, Ok(Control::Hello { window: None, .. })),
+            matches!(
+                hello,
+                Ok(Control::Hello {
+                    window: None,
+                    binary_control: None,
+                    ..
+                })
+            ),
             "{hello:?}"
         );
         let welcome = Control::decode(
             r#"{"type":"welcome","session":"s","url":"u","resume_secret":"r","agent":"a"}"#,
         );
         assert!(
-            matches!(welcome, Ok(Control::Welcome { window: None, .. })),
+            matches!(
+                welcome,
+                Ok(Control::Welcome {
+                    window: None,
+                    binary_control: None,
+                    ..
+                })
+            ),
             "{welcome:?}"
         );
         let current = Control::Welcome {
@@ -290,6 +312,7 @@ mod tests {
             resume_secret: "r".into(),
             agent: "a".into(),
             window: Some(crate::flow::STREAM_WINDOW),
+            binary_control: None,
         };
         assert!(current.encode().contains(r#""window":1048576"#));
     }
@@ -386,16 +409,28 @@ mod tests {
                         body: Some("{}".into()),
                     }),
                     window: Some(crate::flow::STREAM_WINDOW),
+                    binary_control: Some(true),
                 }),
-            (".*", ".*", ".*", ".*", proptest::option::of(any::<u32>())).prop_map(
-                |(session, url, resume_secret, agent, window)| Control::Welcome {
-                    session,
-                    url,
-                    resume_secret,
-                    agent,
-                    window,
-                }
-            ),
+            (
+                ".*",
+                ".*",
+                ".*",
+                ".*",
+                proptest::option::of(any::<u32>()),
+                proptest::option::of(any::<bool>())
+            )
+                .prop_map(
+                    |(session, url, resume_secret, agent, window, binary_control)| {
+                        Control::Welcome {
+                            session,
+                            url,
+                            resume_secret,
+                            agent,
+                            window,
+                            binary_control,
+                        }
+                    }
+                ),
             (
                 any::<u32>(),
                 "[A-Z]{1,10}",

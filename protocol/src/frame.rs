@@ -1,9 +1,14 @@
-//! Binary data frames: one chunk of one stream's body.
+//! Binary frames: one chunk of one stream's body, or a control message in binary form.
 //!
 //! Layout: `stream id (u32, big-endian) | flags (u8) | payload`. Flag bit 0 ([`DataFrame::end`])
-//! marks the last frame of the body; the other bits are reserved and must be zero.
+//! marks the last frame of the body; bit 7 ([`FLAG_CONTROL`]) marks a control message (see
+//! [`crate::binary`]), sent only to a peer that asked for them; the other bits are reserved and
+//! must be zero.
 
 use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::binary::{BinaryControlError, FLAG_CONTROL};
+use crate::Control;
 
 /// Bytes of header in front of every data frame's payload.
 pub const FRAME_HEADER_LEN: usize = 5;
@@ -22,6 +27,34 @@ pub enum FrameError {
     /// The payload is larger than a frame may carry.
     #[error("data frame payload of {0} bytes exceeds the {max} byte limit", max = crate::flow::MAX_FRAME_PAYLOAD)]
     TooLarge(usize),
+    /// A control message in binary form that could not be decoded.
+    #[error(transparent)]
+    Control(#[from] BinaryControlError),
+}
+
+/// What a binary WebSocket message carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BinaryMessage {
+    /// A chunk of a stream's body.
+    Data(DataFrame),
+    /// A control message in binary form (a head or a window update).
+    Control(Control),
+}
+
+impl BinaryMessage {
+    /// Decodes a binary WebSocket message; a data frame's payload shares `bytes`' buffer.
+    pub fn decode(bytes: Bytes) -> Result<BinaryMessage, FrameError> {
+        match bytes.get(4) {
+            Some(&FLAG_CONTROL) => {
+                let stream = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+                let payload = &bytes[FRAME_HEADER_LEN..];
+                Ok(BinaryMessage::Control(Control::decode_binary(
+                    stream, payload,
+                )?))
+            }
+            _ => DataFrame::decode(bytes).map(BinaryMessage::Data),
+        }
+    }
 }
 
 /// One chunk of a stream's body.

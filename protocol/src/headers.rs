@@ -98,6 +98,21 @@ impl HeaderList {
         self.ends.is_empty()
     }
 
+    /// Every name back to back, every value back to back, and where each entry ends in both.
+    pub(crate) fn parts(&self) -> (&str, &[u8], &[(usize, usize)]) {
+        (&self.names, &self.values, &self.ends)
+    }
+
+    /// A list from [`parts`](Self::parts); the caller has checked that the ends rise, stay
+    /// within both buffers and fall on character boundaries of `names`.
+    pub(crate) fn from_parts(names: String, values: Vec<u8>, ends: Vec<(usize, usize)>) -> Self {
+        HeaderList {
+            names,
+            values,
+            ends,
+        }
+    }
+
     /// The first value of `name` (compared case-insensitively).
     pub fn get(&self, name: &str) -> Option<&[u8]> {
         self.iter()

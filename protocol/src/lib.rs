@@ -4,24 +4,28 @@
 //! [`SUBPROTOCOL`]. Many HTTP exchanges are multiplexed over it, each a *stream* with a `u32` id
 //! chosen by the relay:
 //!
-//! - control and head messages ([`Control`]) travel as JSON text frames;
+//! - control and head messages ([`Control`]) travel as JSON text frames; peers that both ask
+//!   for it in the handshake (`binary_control`) send heads and window updates in a binary
+//!   form instead ([`binary`]);
 //! - body bytes travel as binary frames ([`DataFrame`]) with a 5-byte header (stream id, flags),
 //!   never as JSON or base64;
 //! - each direction of each stream is flow-controlled by a credit window ([`flow`]).
 //!
 //! Everything here is pure encode/decode: malformed input returns an error, never a panic.
 
+pub mod binary;
 mod control;
 pub mod flow;
 mod frame;
 mod headers;
 mod session;
 
+pub use binary::BinaryControlError;
 pub use control::{
     Control, ControlError, Delivery, ErrorCode, HttpVersion, OfflinePolicy, RequestHead,
     RespondPolicy, ResponseHead, Resume,
 };
-pub use frame::{DataFrame, FrameError, FRAME_HEADER_LEN};
+pub use frame::{BinaryMessage, DataFrame, FrameError, FRAME_HEADER_LEN};
 pub use headers::{HeaderList, HeaderListError};
 pub use session::{validate_session_name, SessionNameError};
 

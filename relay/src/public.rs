@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use ferry_mux::{EncodedControl, MuxError, PumpError};
+use ferry_mux::{MuxError, PumpError};
 use ferry_protocol::{Control, HttpVersion, RequestHead};
 use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
 use http_body::Body as _;
@@ -209,13 +209,13 @@ async fn pass(
         delivery: None,
     });
     // Encoded now, so that history can take the headers over rather than a copy of them.
-    let encoded = EncodedControl::new(&head);
+    let encoded = sender.encode(&head);
     if let (Some(exchange), Control::RequestHead(head)) = (exchange.as_mut(), head) {
         exchange.headers = head.headers;
     }
     let mut head = Some(encoded);
     if !has_body {
-        if let Err(err) = sender.send_control(head.take().expect("head")).await {
+        if let Err(err) = sender.send_encoded(head.take().expect("head")).await {
             return disconnected(session_id, &err.to_string());
         }
     }

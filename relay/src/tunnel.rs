@@ -177,7 +177,7 @@ where
             return;
         }
     };
-    let (name, resume, offline, respond, client_window) = match hello {
+    let (name, resume, offline, respond, client_window, binary_control) = match hello {
         Ok(Control::Hello {
             version,
             name,
@@ -185,6 +185,7 @@ where
             offline,
             respond,
             window,
+            binary_control,
             ..
         }) => {
             if version != PROTOCOL_VERSION {
@@ -206,7 +207,9 @@ where
                     return;
                 }
             }
-            (name, resume, offline, respond, window)
+            // Heads in binary form when the client reads them (finding 25 in BENCHMARKS.md).
+            let binary_control = binary_control == Some(true);
+            (name, resume, offline, respond, window, binary_control)
         }
         Ok(_) | Err(_) => {
             refuse(
@@ -306,10 +309,12 @@ where
         resume_secret: granted.resume_secret,
         agent: concat!("ferry-relay/", env!("CARGO_PKG_VERSION")).to_owned(),
         window: Some(STREAM_WINDOW),
+        binary_control: binary_control.then_some(true),
     };
     let mux_config = MuxConfig {
         recv_window: STREAM_WINDOW,
         send_window: peer_window(client_window),
+        binary_control,
         heartbeat_timeout: relay.config.heartbeat_timeout,
         stats: relay.config.stats.clone(),
         ..MuxConfig::default()

@@ -51,8 +51,10 @@ async fn accept(listener: &TcpListener) -> Tunnel {
         url: format!("http://fake/{SESSION}"),
         resume_secret: "secret".into(),
         agent: "fake-relay".into(),
-        // Like a relay from before window negotiation: the client assumes the default window.
+        // Like a relay from before window negotiation: the client assumes the default window,
+        // and (no binary_control either) sends its heads as JSON, which `deliver` reads.
         window: None,
+        binary_control: None,
     };
     ws.send(Message::text(welcome.encode())).await.unwrap();
     Tunnel { ws, offline }

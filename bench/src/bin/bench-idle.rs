@@ -157,6 +157,7 @@ async fn open(
         offline: None,
         respond: None,
         window: Some(ferry_protocol::flow::STREAM_WINDOW),
+        binary_control: None,
     };
     ws.send(Message::text(hello.encode())).await?;
     let welcome = tokio::time::timeout(Duration::from_secs(30), async {
