@@ -44,14 +44,22 @@ pub fn delivery_id(headers: &HeaderList, body: &[u8]) -> Option<ProviderId> {
         .or_else(|| from_headers(headers, &AFTER_STRIPE))
 }
 
+/// The usable value of the first of `names` present, in the order of `names`: one pass over the
+/// headers (a webhook's head is read here once per request).
 fn from_headers(headers: &HeaderList, names: &[(&str, &'static str)]) -> Option<ProviderId> {
-    names.iter().find_map(|(name, provider)| {
-        headers
+    let mut best: Option<(usize, &str)> = None;
+    for (name, value) in headers.iter() {
+        let rank = names
             .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .find_map(|(_, value)| usable(value))
-            .map(|id| found(provider, id))
-    })
+            .position(|(wanted, _)| name.eq_ignore_ascii_case(wanted));
+        let Some(rank) = rank.filter(|rank| best.is_none_or(|(best, _)| *rank < best)) else {
+            continue;
+        };
+        if let Some(id) = usable(value) {
+            best = Some((rank, id));
+        }
+    }
+    best.map(|(rank, id)| found(names[rank].1, id))
 }
 
 fn usable(value: &[u8]) -> Option<&str> {
@@ -89,7 +97,7 @@ fn stripe_event_id(body: &[u8]) -> Option<&str> {
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+    memchr::memmem::find(haystack, needle).is_some()
 }
 
 #[cfg(test)]
