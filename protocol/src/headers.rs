@@ -59,6 +59,15 @@ impl HeaderList {
         self.ends.push((self.names.len(), self.values.len()));
     }
 
+    /// Appends one entry whose value is `parts` back to back (no buffer of its own to join them).
+    pub fn push_joined(&mut self, name: impl AsRef<str>, parts: &[&[u8]]) {
+        self.names.push_str(name.as_ref());
+        for part in parts {
+            self.values.extend_from_slice(part);
+        }
+        self.ends.push((self.names.len(), self.values.len()));
+    }
+
     /// The entries, in order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
         let mut start = (0, 0);
@@ -328,6 +337,16 @@ mod tests {
         let back: HeaderList = serde_json::from_str(&json).unwrap();
         assert_eq!(back, list);
         assert_eq!(back.get("X-A"), Some(&b"1"[..]));
+    }
+
+    #[test]
+    fn a_joined_value_is_one_entry() {
+        let mut list = HeaderList::new();
+        list.push("a", "1");
+        list.push_joined("b", &[b"/", b"s1", b""]);
+        list.push_joined("c", &[]);
+        let got: Vec<(&str, &[u8])> = list.iter().collect();
+        assert_eq!(got, [("a", &b"1"[..]), ("b", b"/s1"), ("c", b"")]);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Header handling at the relay's HTTP edge: hop-by-hop removal and forwarding headers.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 
 use ferry_protocol::HeaderList;
@@ -40,8 +41,8 @@ pub(crate) struct Forwarded<'a> {
     pub(crate) proto: &'a str,
     /// The host the caller asked for.
     pub(crate) host: Option<&'a [u8]>,
-    /// The session prefix stripped from the path (`/stripe-dev`).
-    pub(crate) prefix: &'a str,
+    /// The session whose prefix was stripped from the path (`stripe-dev` for `/stripe-dev`).
+    pub(crate) session: &'a str,
 }
 
 /// The request headers sent to the client: end-to-end ones plus `X-Forwarded-*`.
@@ -67,38 +68,47 @@ pub(crate) fn request_headers(headers: &HeaderMap, fwd: &Forwarded<'_>) -> Heade
             _ => list.push(name.as_str(), value.as_bytes()),
         }
     }
-    let ip = fwd.peer.ip().to_string();
-    if !prior_for.is_empty() {
-        prior_for.extend_from_slice(b", ");
-    }
-    prior_for.extend_from_slice(ip.as_bytes());
-    list.push("x-forwarded-for", prior_for);
+    // The caller's address, written on the stack: no string of its own per request.
+    let mut buffer = [0u8; 64];
+    let ip = {
+        let mut cursor = std::io::Cursor::new(&mut buffer[..]);
+        // An IP address takes at most 39 bytes as text (IPv6), so the write always fits.
+        let _ = write!(cursor, "{}", fwd.peer.ip());
+        let len = cursor.position() as usize;
+        &buffer[..len]
+    };
+    let separator: &[u8] = if prior_for.is_empty() { b"" } else { b", " };
+    list.push_joined("x-forwarded-for", &[&prior_for, separator, ip]);
     list.push("x-forwarded-proto", fwd.proto);
     if let Some(host) = fwd.host {
         list.push("x-forwarded-host", host);
     }
-    list.push("x-forwarded-prefix", fwd.prefix);
+    list.push_joined("x-forwarded-prefix", &[b"/", fwd.session.as_bytes()]);
     list
 }
 
-/// Builds a response header map from the client's list; `Err` names the first bad entry.
+/// Builds a response header map from the client's list, hop-by-hop headers left out; `Err`
+/// names the first bad entry.
 pub(crate) fn to_header_map(list: &HeaderList) -> Result<HeaderMap, String> {
+    // The names `Connection` lists, read off the list first so that nothing is added only to
+    // be taken out again (with no `Connection` header, nothing is allocated for this).
+    let listed: Vec<String> = list
+        .iter()
+        .filter(|(name, _)| name.eq_ignore_ascii_case("connection"))
+        .filter_map(|(_, value)| std::str::from_utf8(value).ok())
+        .flat_map(|value| value.split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .filter(|name| !name.is_empty())
+        .collect();
     let mut map = HeaderMap::with_capacity(list.len());
     for (name, value) in list.iter_shared() {
         let name = HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| format!("invalid header name {name:?}"))?;
         let value = HeaderValue::from_maybe_shared(value)
             .map_err(|_| format!("invalid value for header {name}"))?;
-        map.append(name, value);
-    }
-    let listed = connection_listed(&map);
-    let hop: Vec<HeaderName> = map
-        .keys()
-        .filter(|n| is_hop_by_hop(n, &listed))
-        .cloned()
-        .collect();
-    for name in hop {
-        map.remove(name);
+        if !is_hop_by_hop(&name, &listed) {
+            map.append(name, value);
+        }
     }
     Ok(map)
 }
@@ -122,7 +132,7 @@ mod tests {
             peer: "127.0.0.1:9".parse().unwrap(),
             proto: "https",
             host: Some(b"relay.example"),
-            prefix: "/s1",
+            session: "s1",
         };
         let list = request_headers(&headers, &fwd);
         let got: Vec<(&str, &[u8])> = list.iter().collect();
@@ -141,13 +151,45 @@ mod tests {
     }
 
     #[test]
+    fn the_callers_address_is_appended_whatever_its_family() {
+        let headers = HeaderMap::new();
+        for (peer, expected) in [
+            ("192.0.2.7:1", &b"192.0.2.7"[..]),
+            ("[2001:db8::1]:1", b"2001:db8::1"),
+            (
+                "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:1",
+                b"ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            ),
+        ] {
+            let fwd = Forwarded {
+                peer: peer.parse().unwrap(),
+                proto: "http",
+                host: None,
+                session: "abc",
+            };
+            let list = request_headers(&headers, &fwd);
+            assert_eq!(list.get("x-forwarded-for"), Some(expected));
+            assert_eq!(list.get("x-forwarded-prefix"), Some(&b"/abc"[..]));
+        }
+    }
+
+    #[test]
     fn response_headers_are_validated() {
-        let ok: HeaderList = [("x-a", "1"), ("transfer-encoding", "chunked"), ("x-a", "2")]
-            .into_iter()
-            .collect();
+        let ok: HeaderList = [
+            ("x-a", "1"),
+            ("transfer-encoding", "chunked"),
+            ("Connection", "close, X-Secret"),
+            ("x-secret", "s"),
+            ("x-a", "2"),
+        ]
+        .into_iter()
+        .collect();
         let map = to_header_map(&ok).unwrap();
         assert_eq!(map.get_all("x-a").iter().count(), 2);
         assert!(map.get("transfer-encoding").is_none());
+        assert!(map.get("connection").is_none());
+        assert!(map.get("x-secret").is_none(), "named by Connection");
+        assert_eq!(map.len(), 2);
         let bad: HeaderList = [("x-a", "line\r\nbreak")].into_iter().collect();
         assert!(to_header_map(&bad).is_err());
         let bad_name: HeaderList = [("bad name", "v")].into_iter().collect();

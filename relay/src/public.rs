@@ -505,12 +505,11 @@ fn forwarded_headers(
         .get(header::HOST)
         .map(|h| h.as_bytes())
         .or_else(|| parts.uri.authority().map(|a| a.as_str().as_bytes()));
-    let prefix = format!("/{session_id}");
     let forwarded = Forwarded {
         peer,
         proto: &relay.config.public_scheme,
         host,
-        prefix: &prefix,
+        session: session_id,
     };
     request_headers(&parts.headers, &forwarded)
 }
