@@ -1,7 +1,7 @@
 //! Header handling at the relay's HTTP edge: hop-by-hop removal and forwarding headers.
 
 use std::io::Write as _;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use ferry_protocol::HeaderList;
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -68,15 +68,8 @@ pub(crate) fn request_headers(headers: &HeaderMap, fwd: &Forwarded<'_>) -> Heade
             _ => list.push(name.as_str(), value.as_bytes()),
         }
     }
-    // The caller's address, written on the stack: no string of its own per request.
     let mut buffer = [0u8; 64];
-    let ip = {
-        let mut cursor = std::io::Cursor::new(&mut buffer[..]);
-        // An IP address takes at most 39 bytes as text (IPv6), so the write always fits.
-        let _ = write!(cursor, "{}", fwd.peer.ip());
-        let len = cursor.position() as usize;
-        &buffer[..len]
-    };
+    let ip = ip_text(fwd.peer.ip(), &mut buffer);
     let separator: &[u8] = if prior_for.is_empty() { b"" } else { b", " };
     list.push_joined("x-forwarded-for", &[&prior_for, separator, ip]);
     list.push("x-forwarded-proto", fwd.proto);
@@ -85,6 +78,40 @@ pub(crate) fn request_headers(headers: &HeaderMap, fwd: &Forwarded<'_>) -> Heade
     }
     list.push_joined("x-forwarded-prefix", &[b"/", fwd.session.as_bytes()]);
     list
+}
+
+/// `ip` as text, written into `buffer`: no string of its own per request. IPv4 is written
+/// digit by digit (`std`'s formatting machinery cost more than the rest of the header list).
+fn ip_text(ip: IpAddr, buffer: &mut [u8; 64]) -> &[u8] {
+    let len = match ip {
+        IpAddr::V4(v4) => {
+            let mut len = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buffer[len] = b'.';
+                    len += 1;
+                }
+                if octet >= 100 {
+                    buffer[len] = b'0' + octet / 100;
+                    len += 1;
+                }
+                if octet >= 10 {
+                    buffer[len] = b'0' + octet / 10 % 10;
+                    len += 1;
+                }
+                buffer[len] = b'0' + octet % 10;
+                len += 1;
+            }
+            len
+        }
+        IpAddr::V6(v6) => {
+            let mut cursor = std::io::Cursor::new(&mut buffer[..]);
+            // An IPv6 address takes at most 45 bytes as text, so the write always fits.
+            let _ = write!(cursor, "{v6}");
+            cursor.position() as usize
+        }
+    };
+    &buffer[..len]
 }
 
 /// Builds a response header map from the client's list, hop-by-hop headers left out; `Err`
@@ -152,9 +179,16 @@ mod tests {
 
     #[test]
     fn the_callers_address_is_appended_whatever_its_family() {
+        for octet in 0..=255u8 {
+            let ip = IpAddr::from([octet, 9, 99, 199]);
+            let mut buffer = [0u8; 64];
+            assert_eq!(ip_text(ip, &mut buffer), ip.to_string().as_bytes());
+        }
         let headers = HeaderMap::new();
         for (peer, expected) in [
             ("192.0.2.7:1", &b"192.0.2.7"[..]),
+            ("0.10.100.255:1", b"0.10.100.255"),
+            ("[::ffff:10.0.0.1]:1", b"::ffff:10.0.0.1"),
             ("[2001:db8::1]:1", b"2001:db8::1"),
             (
                 "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:1",
