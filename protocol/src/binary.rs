@@ -53,8 +53,13 @@ pub enum BinaryControlError {
 
 impl Control {
     /// The message in binary form, frame header included, for the messages that have one
-    /// (request and response heads, window updates); `None` for the others.
+    /// (request and response heads, window updates); `None` for the others, and for a head
+    /// with a field too long for its length prefix (a header name over 64 KiB from a local
+    /// app, say), which then goes as JSON.
     pub fn encode_binary(&self) -> Option<Bytes> {
+        if !self.fits_binary() {
+            return None;
+        }
         let (stream, size) = match self {
             Control::RequestHead(head) => (head.stream, request_head_len(head)),
             Control::ResponseHead(head) => (head.stream, 1 + 2 + 1 + headers_len(&head.headers)),
@@ -105,6 +110,34 @@ impl Control {
         match input.0.len() {
             0 => Ok(msg),
             rest => Err(BinaryControlError::TrailingBytes(rest)),
+        }
+    }
+
+    /// Whether every field fits its length prefix in the binary form.
+    fn fits_binary(&self) -> bool {
+        let short = |bytes: &[u8]| bytes.len() <= usize::from(u16::MAX);
+        let long = |bytes: &[u8]| u32::try_from(bytes.len()).is_ok();
+        let headers_fit = |headers: &HeaderList| {
+            let (names, values, _) = headers.parts();
+            long(names.as_bytes())
+                && long(values)
+                && u32::try_from(headers.len()).is_ok()
+                && headers
+                    .iter()
+                    .all(|(name, value)| short(name.as_bytes()) && long(value))
+        };
+        match self {
+            Control::RequestHead(head) => {
+                short(head.method.as_bytes())
+                    && long(head.target.as_bytes())
+                    && head
+                        .delivery
+                        .as_ref()
+                        .is_none_or(|delivery| short(delivery.id.as_bytes()))
+                    && headers_fit(&head.headers)
+            }
+            Control::ResponseHead(head) => headers_fit(&head.headers),
+            _ => true,
         }
     }
 }
@@ -196,7 +229,7 @@ fn headers_len(headers: &HeaderList) -> usize {
 
 fn put_headers(out: &mut BytesMut, headers: &HeaderList) {
     let (names, values, ends) = headers.parts();
-    // A list's lengths fit: it was built from one message, itself below the size limits.
+    // Every length fits its prefix: `fits_binary` checked.
     out.put_u32(ends.len() as u32);
     out.put_u32(names.len() as u32);
     out.put_u32(values.len() as u32);
@@ -244,7 +277,7 @@ fn read_headers(input: &mut Reader<'_>) -> Result<HeaderList, BinaryControlError
 }
 
 fn put_short(out: &mut BytesMut, bytes: &[u8]) {
-    // Methods and delivery ids are short: the relay's HTTP parser and its own ids see to it.
+    // Fits: `fits_binary` checked.
     out.put_u16(bytes.len() as u16);
     out.put_slice(bytes);
 }
@@ -347,6 +380,31 @@ mod tests {
             reason: "r".into(),
         };
         assert_eq!(cancel.encode_binary(), None);
+    }
+
+    #[test]
+    fn a_head_with_a_field_too_long_for_the_binary_form_goes_as_json() {
+        let long_name = "x".repeat(usize::from(u16::MAX) + 1);
+        let head = Control::ResponseHead(ResponseHead {
+            stream: 3,
+            status: 200,
+            headers: [(long_name.as_str(), "v")].into_iter().collect(),
+            has_body: false,
+        });
+        assert_eq!(head.encode_binary(), None);
+        assert_eq!(Control::decode(&head.encode()).unwrap(), head);
+        let just_fits = "x".repeat(usize::from(u16::MAX));
+        let head = Control::ResponseHead(ResponseHead {
+            stream: 3,
+            status: 200,
+            headers: [(just_fits.as_str(), "v")].into_iter().collect(),
+            has_body: false,
+        });
+        let bytes = head.encode_binary().unwrap();
+        assert_eq!(
+            crate::BinaryMessage::decode(bytes).unwrap(),
+            crate::BinaryMessage::Control(head)
+        );
     }
 
     #[test]
