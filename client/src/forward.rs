@@ -19,8 +19,7 @@ use crate::events::{millis, Event, RequestEvent};
 use crate::target::Target;
 
 /// Body of requests sent to the local app.
-type AppBody = Either<Empty<Bytes>, http_body_util::combinators::MapFrame<TunnelBody, CountFn>>;
-type CountFn = Box<dyn FnMut(http_body::Frame<Bytes>) -> http_body::Frame<Bytes> + Send + Sync>;
+type AppBody = Either<Empty<Bytes>, TunnelBody>;
 
 /// Shared by every forwarded request of one client.
 pub(crate) struct Forwarder {
@@ -94,7 +93,6 @@ impl Forwarder {
     ) -> RequestEvent {
         let started = Instant::now();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let request_bytes = Arc::new(AtomicU64::new(0));
         let mut event = RequestEvent::new(id, &head.method, &head.target);
         // A delivery of a recorded request: refuse to hand an id to the app twice.
         let mut dedupe: Option<(Arc<DeliveredIds>, String)> = None;
@@ -130,7 +128,7 @@ impl Forwarder {
             }
         }
         let mut dedupe = DedupeGuard(dedupe);
-        let outcome = match self.build_request(&head, body, request_bytes.clone()) {
+        let outcome = match self.build_request(&head, body) {
             Ok(request) => {
                 event.path = request
                     .uri()
@@ -219,7 +217,8 @@ impl Forwarder {
                 }
             }
         }
-        event.request_bytes = request_bytes.load(Ordering::Relaxed);
+        // What the app took of the body (the stream's body counts what it hands out).
+        event.request_bytes = guard.body_bytes_read();
         event.duration_ms = millis(started.elapsed());
         event
     }
@@ -287,7 +286,6 @@ impl Forwarder {
         &self,
         head: &RequestHead,
         body: TunnelBody,
-        counter: Arc<AtomicU64>,
     ) -> Result<Request<AppBody>, String> {
         let method = Method::from_bytes(head.method.as_bytes())
             .map_err(|_| format!("invalid method {:?}", head.method))?;
@@ -307,13 +305,7 @@ impl Forwarder {
             .map_err(|_| "invalid target host".to_owned())?;
         headers.insert(header::HOST, host);
         let body = if head.has_body {
-            let count: CountFn = Box::new(move |frame| {
-                if let Some(data) = frame.data_ref() {
-                    counter.fetch_add(data.len() as u64, Ordering::Relaxed);
-                }
-                frame
-            });
-            Either::Right(body.map_frame(count))
+            Either::Right(body)
         } else {
             Either::Left(Empty::new())
         };

@@ -1,6 +1,6 @@
 //! One stream's state: its slot in the connection, the sending half and the guard that ends it.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -51,6 +51,8 @@ pub(crate) struct Slot {
     unreturned: AtomicUsize,
     /// Body bytes received but not yet consumed.
     buffered: AtomicUsize,
+    /// Body bytes consumed (handed out by the stream's body) so far.
+    consumed: AtomicU64,
     inbound_ended: AtomicBool,
     /// Credit we may still spend sending.
     pub(crate) send_credit: Semaphore,
@@ -73,6 +75,7 @@ impl Slot {
             inbound: Mutex::new(Some(inbound)),
             unreturned: AtomicUsize::new(0),
             buffered: AtomicUsize::new(0),
+            consumed: AtomicU64::new(0),
             inbound_ended: AtomicBool::new(false),
             send_credit: Semaphore::new(shared.config.send_window as usize),
             head: Mutex::new(Some(head)),
@@ -138,6 +141,7 @@ impl Slot {
 
     pub(crate) fn consumed(&self, len: usize) {
         self.buffered.fetch_sub(len, Ordering::AcqRel);
+        self.consumed.fetch_add(len as u64, Ordering::Relaxed);
     }
 
     pub(crate) fn credit_returned(&self, units: u32) {
@@ -391,6 +395,12 @@ pub struct StreamGuard {
 }
 
 impl StreamGuard {
+    /// Bytes of the peer's body handed out by the stream's [`TunnelBody`](crate::TunnelBody)
+    /// so far: what its reader has taken.
+    pub fn body_bytes_read(&self) -> u64 {
+        self.slot.consumed.load(Ordering::Relaxed)
+    }
+
     /// Marks the exchange as finished: dropping the guard will not send a cancel.
     pub fn finish(&self) {
         self.finished.store(true, Ordering::Release);

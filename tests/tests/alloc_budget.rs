@@ -16,8 +16,8 @@ static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 /// allocations (about 40 KB) when this guard was written without the store, 190 (43 KB) with it,
 /// 164 with history blocks, 123 since header lists keep their entries in shared buffers
 /// (docs/BENCHMARKS.md, finding 20) and 115 since the client keeps its own connections to the
-/// app (finding 23), 111 with heads in binary form (finding 25), 103 without per-request strings
-/// for forwarding headers (finding 26); the budget leaves headroom for noise from pooled
+/// app (finding 23), 111 with heads in binary form (finding 25), 100 without per-request strings
+/// for forwarding headers or a counting closure (finding 26); the budget leaves headroom for noise from pooled
 /// connections, not for a new copy, task or buffer per request.
 const BUDGET_PER_REQUEST: u64 = 140;
 

@@ -66,6 +66,27 @@ async fn bodies_of_every_size_arrive_intact() {
 }
 
 #[tokio::test]
+async fn each_request_event_counts_the_bytes_carried_each_way() {
+    let (_relay, mut client, origin) = tunnel(Behaviour::Echo).await;
+    for len in [0, 1024, 200_000] {
+        let body = pattern(7, len);
+        let (status, _, echoed) =
+            send(Method::POST, &format!("{}/count", client.url), &[], body).await;
+        assert_eq!(status, 200);
+        assert_eq!(echoed.len(), len);
+        assert_eq!(origin.next_request().await.body_len, len as u64);
+        let event = client
+            .wait_for(WAIT_TIMEOUT, |e| match e {
+                ferry_client::Event::Request(r) => Some(r.clone()),
+                _ => None,
+            })
+            .await;
+        assert_eq!(event.request_bytes, len as u64, "request body of {len}");
+        assert_eq!(event.response_bytes, len as u64, "response body of {len}");
+    }
+}
+
+#[tokio::test]
 async fn chunked_request_bodies_are_streamed_through() {
     let (_relay, client, origin) = tunnel(Behaviour::Echo).await;
     let chunks: Vec<Bytes> = (0..50)
