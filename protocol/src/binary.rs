@@ -448,12 +448,9 @@ mod tests {
         assert!(matches!(decode(&big), Err(BinaryControlError::TooLarge(_))));
     }
 
+    /// Names of any characters: lengths must not split a multi-byte one.
     fn arb_headers() -> impl Strategy<Value = HeaderList> {
-        proptest::collection::vec(
-            (".{1,12}", proptest::collection::vec(any::<u8>(), 0..16)),
-            0..6,
-        )
-        .prop_map(|v| v.into_iter().collect())
+        crate::headers::arb_headers(".{1,12}")
     }
 
     fn arb_binary_control() -> impl Strategy<Value = Control> {

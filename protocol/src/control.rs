@@ -380,14 +380,7 @@ mod tests {
     }
 
     fn arb_headers() -> impl Strategy<Value = HeaderList> {
-        proptest::collection::vec(
-            (
-                "[a-z-]{1,12}",
-                proptest::collection::vec(any::<u8>(), 0..16),
-            ),
-            0..6,
-        )
-        .prop_map(|v| v.into_iter().collect())
+        crate::headers::arb_headers("[a-z-]{1,12}")
     }
 
     fn arb_control() -> impl Strategy<Value = Control> {

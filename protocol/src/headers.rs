@@ -54,9 +54,7 @@ impl HeaderList {
 
     /// Appends one entry (copying it: no allocation of its own).
     pub fn push(&mut self, name: impl AsRef<str>, value: impl AsRef<[u8]>) {
-        self.names.push_str(name.as_ref());
-        self.values.extend_from_slice(value.as_ref());
-        self.ends.push((self.names.len(), self.values.len()));
+        self.push_joined(name, &[value.as_ref()]);
     }
 
     /// Appends one entry whose value is `parts` back to back (no buffer of its own to join them).
@@ -312,6 +310,17 @@ impl<'de> Visitor<'de> for ValueVisitor {
             .map(|bytes| ValueBytes(Cow::Owned(bytes)))
             .ok_or_else(|| A::Error::custom("header value object without b64"))
     }
+}
+
+/// Lists of up to 5 entries with names matching the regex `names` and values of any bytes, for
+/// property tests of the encodings.
+#[cfg(test)]
+pub(crate) fn arb_headers(
+    names: &'static str,
+) -> impl proptest::strategy::Strategy<Value = HeaderList> {
+    use proptest::prelude::*;
+    proptest::collection::vec((names, proptest::collection::vec(any::<u8>(), 0..16)), 0..6)
+        .prop_map(|v| v.into_iter().collect())
 }
 
 #[cfg(test)]

@@ -23,13 +23,22 @@ fn is_hop_by_hop(name: &HeaderName, listed: &[String]) -> bool {
 
 /// Names listed in `Connection` headers, lowercased.
 fn connection_listed(headers: &HeaderMap) -> Vec<String> {
-    headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|v| v.trim().to_ascii_lowercase())
-        .filter(|v| !v.is_empty())
+    listed_names(
+        headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .map(HeaderValue::as_bytes),
+    )
+}
+
+/// The comma-separated names in `Connection` header `values`, lowercased (nothing is allocated
+/// when there are none).
+fn listed_names<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<String> {
+    values
+        .filter_map(|value| std::str::from_utf8(value).ok())
+        .flat_map(|value| value.split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .filter(|name| !name.is_empty())
         .collect()
 }
 
@@ -118,15 +127,12 @@ fn ip_text(ip: IpAddr, buffer: &mut [u8; 64]) -> &[u8] {
 /// names the first bad entry.
 pub(crate) fn to_header_map(list: &HeaderList) -> Result<HeaderMap, String> {
     // The names `Connection` lists, read off the list first so that nothing is added only to
-    // be taken out again (with no `Connection` header, nothing is allocated for this).
-    let listed: Vec<String> = list
-        .iter()
-        .filter(|(name, _)| name.eq_ignore_ascii_case("connection"))
-        .filter_map(|(_, value)| std::str::from_utf8(value).ok())
-        .flat_map(|value| value.split(','))
-        .map(|name| name.trim().to_ascii_lowercase())
-        .filter(|name| !name.is_empty())
-        .collect();
+    // be taken out again.
+    let listed = listed_names(
+        list.iter()
+            .filter(|(name, _)| name.eq_ignore_ascii_case("connection"))
+            .map(|(_, value)| value),
+    );
     let mut map = HeaderMap::with_capacity(list.len());
     for (name, value) in list.iter_shared() {
         let name = HeaderName::from_bytes(name.as_bytes())
