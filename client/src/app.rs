@@ -1,73 +1,517 @@
 //! Connections to the local app: HTTP/1.1 over TCP, kept alive and reused.
 //!
-//! hyper's connection API does the HTTP; this module only keeps the connections. It replaces
-//! hyper-util's general-purpose pool, which for a single, fixed app cost the client a spawned
-//! task per request (to wait for the connection to be ready again), a keyed pool lookup and
-//! URI rewriting (docs/BENCHMARKS.md, finding 23). A forwarding task checks a connection out
-//! with the request it sends, keeps it while it streams the answer back, and returns it with
-//! [`AppConnections::release`] once the answer's body has been read to its end.
+//! The client writes each request and reads each answer itself (`http1.rs` has the bytes). A
+//! forwarding task checks a connection out, writes the request head in one write (with the
+//! body, when all of it is there already, as a webhook's usually is), reads the response head,
+//! and streams the response body from that same connection. It gives the connection back with
+//! [`AppConnections::release`] once the body has been read to its end. There is no task per
+//! connection and no channel between the forwarding task and its connection: hyper's client,
+//! and before it hyper-util's pool, cost the client more than its own work on each request
+//! (docs/BENCHMARKS.md, findings 23 and 29).
 
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::future::Either;
+use futures_util::FutureExt;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tracing::debug;
 
-/// Why the app could not be asked.
+use crate::http1::{
+    self, Chunk, ChunkedDecoder, Parsed, RequestFraming, ResponseError, ResponseFraming,
+};
+use ferry_protocol::HeaderList;
+
+/// Most body bytes sent beside the head in its write, and read from the app at once.
+const CHUNK: usize = 64 * 1024;
+/// What one read for a response head asks for.
+const HEAD_READ: usize = 8 * 1024;
+
+/// Why the app could not be asked, or its answer not read.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum AppError {
     /// No TCP connection (refused, unresolvable host, timed out).
     #[error("cannot connect: {0}")]
-    Connect(std::io::Error),
-    /// The connection failed during the exchange (closed, malformed answer).
+    Connect(io::Error),
+    /// The connection failed during the exchange (reset, closed before the answer).
     #[error(transparent)]
-    Http(#[from] hyper::Error),
+    Io(io::Error),
+    /// The app's answer is not HTTP/1 Ferry can pass on.
+    #[error(transparent)]
+    Response(#[from] ResponseError),
+    /// The request's own body broke off or did not match its `Content-Length`.
+    #[error("request body: {0}")]
+    Body(String),
 }
 
 impl AppError {
-    /// The innermost cause, in words, with a hint when the app does not seem to run.
+    /// The cause in words, with a hint when the app does not seem to run.
     pub(crate) fn describe(&self) -> String {
         match self {
             AppError::Connect(err) => format!("{err} (is the app running?)"),
-            AppError::Http(err) => {
-                let mut text = err.to_string();
-                let mut source = std::error::Error::source(err);
-                while let Some(inner) = source {
-                    text = inner.to_string();
-                    source = inner.source();
+            other => other.to_string(),
+        }
+    }
+}
+
+fn closed_early(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!("the app closed the connection {what}"),
+    )
+}
+
+/// A request for the app.
+pub(crate) struct AppRequest<B> {
+    /// The head, as written by [`http1::write_request_head`].
+    pub(crate) head: BytesMut,
+    /// How the body follows the head.
+    pub(crate) framing: RequestFraming,
+    /// The body; not read when `framing` is [`RequestFraming::None`].
+    pub(crate) body: B,
+    /// A `HEAD` request: its answer has no body, whatever its head announces.
+    pub(crate) head_request: bool,
+}
+
+/// The app's answer: its head, and its body still on the connection.
+pub(crate) struct AppResponse {
+    pub(crate) status: u16,
+    /// Names in lower case; order, duplicates and value bytes as the app sent them.
+    pub(crate) headers: HeaderList,
+    pub(crate) body: AppResponseBody,
+}
+
+/// One connection to the app, and what has been read from it but not used yet. Split in two
+/// halves from the start, so that a request body can go on being written while the answer is
+/// read (an app may answer before it has read the whole body, or echo it as it comes).
+pub(crate) struct AppConnection {
+    read: OwnedReadHalf,
+    write: OwnedWriteHalf,
+    read_buf: BytesMut,
+}
+
+/// The rest of a request body, still being written when the answer began; it gives the write
+/// half back when done.
+type Upload = Pin<Box<dyn Future<Output = (Result<(), AppError>, OwnedWriteHalf)> + Send>>;
+
+impl AppConnection {
+    /// Whether the app has not closed the connection (nor sent anything unasked) while it sat
+    /// idle. One `recv(MSG_PEEK)`: an idle connection whose close the runtime has not yet seen
+    /// would otherwise take the next request and lose it.
+    fn still_open(&self) -> bool {
+        let mut probe = [MaybeUninit::<u8>::uninit(); 1];
+        let tcp: &TcpStream = self.read.as_ref();
+        matches!(
+            socket2::SockRef::from(tcp).peek(&mut probe),
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock
+        )
+    }
+
+    /// Reads the response head, writing the rest of the request body (if any) meanwhile; what
+    /// is left of the body when the head is in goes on being written beside the answer's body.
+    async fn answer<B>(
+        self,
+        mut body: BodyWriter<B>,
+        head_request: bool,
+    ) -> Result<AppResponse, AppError>
+    where
+        B: Body<Data = Bytes> + Unpin + Send + 'static,
+        B::Error: std::fmt::Display,
+    {
+        let AppConnection {
+            mut read,
+            write,
+            mut read_buf,
+        } = self;
+        let mut write = Some(write);
+        let mut upload = None;
+        let head = if body.done {
+            read_head(&mut read, &mut read_buf, head_request).await?
+        } else {
+            let mut half = write.take().expect("the write half is here");
+            let pending: Upload = Box::pin(async move {
+                let written = body.write_rest(&mut half).await;
+                (written, half)
+            });
+            let reading = std::pin::pin!(read_head(&mut read, &mut read_buf, head_request));
+            match futures_util::future::select(reading, pending).await {
+                Either::Left((head, pending)) => {
+                    upload = Some(pending);
+                    head?
                 }
-                text
+                Either::Right(((Ok(()), half), reading)) => {
+                    write = Some(half);
+                    reading.await?
+                }
+                // The app stopped reading: its answer may still be whole (a 413, say). The
+                // connection is not reused (no write half comes back).
+                Either::Right(((Err(AppError::Io(err)), _), reading)) => {
+                    reading.await.map_err(|_| AppError::Io(err))?
+                }
+                Either::Right(((Err(err), _), _)) => return Err(err),
+            }
+        };
+        let state = match head.framing {
+            ResponseFraming::Empty | ResponseFraming::Length(0) => BodyState::Done,
+            ResponseFraming::Length(n) => BodyState::Length(n),
+            ResponseFraming::Chunked => BodyState::Chunked(ChunkedDecoder::default()),
+            ResponseFraming::UntilClose => BodyState::UntilClose,
+        };
+        Ok(AppResponse {
+            status: head.status,
+            headers: head.headers,
+            body: AppResponseBody {
+                read: Some(read),
+                read_buf,
+                write,
+                upload,
+                state,
+                keep_alive: head.keep_alive,
+            },
+        })
+    }
+}
+
+/// Reads until a final response head is complete, skipping interim (`1xx`) answers.
+async fn read_head<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    head_request: bool,
+) -> Result<http1::ResponseHead, AppError> {
+    loop {
+        if !buf.is_empty() {
+            match http1::parse_response_head(buf, head_request)? {
+                Parsed::Final { head, len } => {
+                    buf.advance(len);
+                    return Ok(head);
+                }
+                Parsed::Interim { len } => {
+                    buf.advance(len);
+                    continue;
+                }
+                Parsed::Partial => {}
+            }
+        }
+        buf.reserve(HEAD_READ);
+        if io.read_buf(buf).await.map_err(AppError::Io)? == 0 {
+            let what = if buf.is_empty() {
+                "without answering"
+            } else {
+                "in the middle of its response head"
+            };
+            return Err(AppError::Io(closed_early(what)));
+        }
+    }
+}
+
+/// A request body on its way to the app, framed as its head announced.
+struct BodyWriter<B> {
+    body: B,
+    framing: RequestFraming,
+    sent: u64,
+    done: bool,
+}
+
+impl<B> BodyWriter<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    fn new(body: B, framing: RequestFraming) -> Self {
+        BodyWriter {
+            body,
+            framing,
+            sent: 0,
+            done: framing == RequestFraming::None || framing == RequestFraming::Length(0),
+        }
+    }
+
+    /// Appends to `out` what the body has ready right now, up to [`CHUNK`] bytes in all.
+    fn take_ready(&mut self, out: &mut BytesMut) -> Result<(), AppError> {
+        while !self.done && out.len() < CHUNK {
+            let Some(next) = self.body.frame().now_or_never() else {
+                break;
+            };
+            if let Some(data) = self.next_data(next)? {
+                self.put_prefix(out, data.len());
+                out.put_slice(&data);
+                self.put_suffix(out);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the rest of the body as it comes.
+    async fn write_rest<W: AsyncWrite + Unpin>(&mut self, io: &mut W) -> Result<(), AppError> {
+        let mut framing = BytesMut::with_capacity(32);
+        while !self.done {
+            let next = self.body.frame().await;
+            match self.next_data(next)? {
+                Some(data) => {
+                    framing.clear();
+                    self.put_prefix(&mut framing, data.len());
+                    let prefix = framing.split();
+                    self.put_suffix(&mut framing);
+                    write_all_parts(io, [&prefix, &data, &framing])
+                        .await
+                        .map_err(AppError::Io)?;
+                }
+                None if self.framing == RequestFraming::Chunked => io
+                    .write_all(http1::LAST_CHUNK)
+                    .await
+                    .map_err(AppError::Io)?,
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The data in the body's next frame, `None` when there was none (a trailers frame, or
+    /// the end: then `done`, with the last chunk's bytes still to write when chunked).
+    fn next_data(
+        &mut self,
+        next: Option<Result<Frame<Bytes>, B::Error>>,
+    ) -> Result<Option<Bytes>, AppError> {
+        let frame = match next {
+            Some(Ok(frame)) => frame,
+            Some(Err(err)) => return Err(AppError::Body(err.to_string())),
+            None => {
+                if let RequestFraming::Length(n) = self.framing {
+                    if self.sent < n {
+                        return Err(AppError::Body(format!(
+                            "ended after {} of the {n} bytes its content-length announced",
+                            self.sent
+                        )));
+                    }
+                }
+                self.done = true;
+                return Ok(None);
+            }
+        };
+        let Ok(data) = frame.into_data() else {
+            return Ok(None); // trailers: not carried
+        };
+        if data.is_empty() {
+            return Ok(None);
+        }
+        self.sent += data.len() as u64;
+        if let RequestFraming::Length(n) = self.framing {
+            if self.sent > n {
+                return Err(AppError::Body(format!(
+                    "longer than the {n} bytes its content-length announced"
+                )));
+            }
+            // Stop at the announced length, as the app does: the end follows right behind.
+            self.done = self.sent == n;
+        }
+        Ok(Some(data))
+    }
+
+    fn put_prefix(&self, out: &mut BytesMut, len: usize) {
+        if self.framing == RequestFraming::Chunked {
+            http1::put_chunk_header(out, len);
+        }
+    }
+
+    /// The chunk's line break, and the last chunk too if the body is known to end here.
+    fn put_suffix(&mut self, out: &mut BytesMut) {
+        if self.framing == RequestFraming::Chunked {
+            out.put_slice(b"\r\n");
+            if self.body.is_end_stream() {
+                out.put_slice(http1::LAST_CHUNK);
+                self.done = true;
             }
         }
     }
 }
 
+/// Writes `parts` in as few writes as the socket takes.
+async fn write_all_parts<W: AsyncWrite + Unpin>(io: &mut W, parts: [&[u8]; 3]) -> io::Result<()> {
+    let mut parts = parts;
+    loop {
+        let first = parts.iter().position(|part| !part.is_empty());
+        let Some(first) = first else { return Ok(()) };
+        let slices = parts.map(IoSlice::new);
+        let mut written = io.write_vectored(&slices[first..]).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        for part in parts.iter_mut() {
+            let n = written.min(part.len());
+            *part = &part[n..];
+            written -= n;
+        }
+    }
+}
+
+enum BodyState {
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    UntilClose,
+    Done,
+}
+
+/// A response body, read from the app's connection as it is polled. Each chunk handed out is
+/// a slice of the read buffer, at most [`CHUNK`] bytes: nothing is read ahead of the reader.
+/// Polling it also drives what is left of the request body's upload.
+pub(crate) struct AppResponseBody {
+    /// `None` once the connection broke.
+    read: Option<OwnedReadHalf>,
+    read_buf: BytesMut,
+    /// Back once the request body has been written whole.
+    write: Option<OwnedWriteHalf>,
+    upload: Option<Upload>,
+    state: BodyState,
+    keep_alive: bool,
+}
+
+impl AppResponseBody {
+    /// The connection, if the body was read to its end, the request body was written whole
+    /// and the connection may carry another request.
+    pub(crate) fn into_reusable(mut self) -> Option<AppConnection> {
+        let reusable = self.keep_alive
+            && matches!(self.state, BodyState::Done)
+            && self.upload.is_none()
+            && self.read_buf.is_empty();
+        if !reusable {
+            return None;
+        }
+        Some(AppConnection {
+            read: self.read.take()?,
+            write: self.write.take()?,
+            read_buf: std::mem::take(&mut self.read_buf),
+        })
+    }
+
+    fn poll_upload(&mut self, cx: &mut Context<'_>) {
+        if let Some(upload) = self.upload.as_mut() {
+            if let Poll::Ready((written, half)) = upload.as_mut().poll(cx) {
+                self.upload = None;
+                // A failed upload (the app stopped reading) leaves the connection unusable,
+                // but the answer may still come whole.
+                if written.is_ok() {
+                    self.write = Some(half);
+                }
+            }
+        }
+    }
+}
+
+impl Body for AppResponseBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = &mut *self;
+        this.poll_upload(cx);
+        loop {
+            let Some(read) = this.read.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let buf = &mut this.read_buf;
+            let want = match &mut this.state {
+                BodyState::Done => return Poll::Ready(None),
+                BodyState::Length(left) => {
+                    if !buf.is_empty() {
+                        let n = usize::try_from(*left)
+                            .unwrap_or(usize::MAX)
+                            .min(buf.len())
+                            .min(CHUNK);
+                        *left -= n as u64;
+                        if *left == 0 {
+                            this.state = BodyState::Done;
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(buf.split_to(n).freeze()))));
+                    }
+                    usize::try_from(*left).unwrap_or(CHUNK).min(CHUNK)
+                }
+                BodyState::Chunked(decoder) => match decoder.decode(buf, CHUNK) {
+                    Ok(Chunk::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Chunk::Done) => {
+                        this.state = BodyState::Done;
+                        return Poll::Ready(None);
+                    }
+                    Ok(Chunk::NeedMore) => CHUNK,
+                    Err(err) => {
+                        this.read = None;
+                        return Poll::Ready(Some(Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            err,
+                        ))));
+                    }
+                },
+                BodyState::UntilClose => {
+                    if !buf.is_empty() {
+                        let n = buf.len().min(CHUNK);
+                        return Poll::Ready(Some(Ok(Frame::data(buf.split_to(n).freeze()))));
+                    }
+                    CHUNK
+                }
+            };
+            buf.reserve(want);
+            let read = ready!(tokio_util::io::poll_read_buf(Pin::new(read), cx, buf));
+            match read {
+                Ok(0) if matches!(this.state, BodyState::UntilClose) => {
+                    this.state = BodyState::Done;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    this.read = None;
+                    return Poll::Ready(Some(Err(closed_early(
+                        "in the middle of its response body",
+                    ))));
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    this.read = None;
+                    return Poll::Ready(Some(Err(err)));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, BodyState::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            BodyState::Done => SizeHint::with_exact(0),
+            BodyState::Length(left) => SizeHint::with_exact(left),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
 /// An idle connection and since when it has been idle.
-struct Idle<B> {
-    sender: SendRequest<B>,
+struct Idle {
+    conn: AppConnection,
     since: Instant,
 }
 
 /// The pool of connections to one app (`host:port`), shared by every forwarded request.
-pub(crate) struct AppConnections<B> {
+pub(crate) struct AppConnections {
     authority: String,
     /// Idle connections, the most recently used last.
-    idle: Mutex<Vec<Idle<B>>>,
+    idle: Mutex<Vec<Idle>>,
     max_idle: usize,
     idle_timeout: Duration,
     connect_timeout: Duration,
 }
 
-impl<B> AppConnections<B>
-where
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+impl AppConnections {
     /// A pool for the app at `authority` that keeps at most `max_idle` idle connections, each
     /// for at most `idle_timeout`. Must be called within a tokio runtime: a task closes
     /// connections idle for longer (it ends with the pool).
@@ -88,43 +532,43 @@ where
         pool
     }
 
-    /// Sends `request` on an idle connection, or on a new one. A request an idle connection
-    /// could not take (the app had closed it) is sent again on another. Returns the response and
-    /// the connection, to [`release`](Self::release) once the response's body is read.
-    pub(crate) async fn send(
-        &self,
-        mut request: Request<B>,
-    ) -> Result<(Response<Incoming>, SendRequest<B>), AppError> {
+    /// Sends `request` on an idle connection, or on a new one, and reads the response head.
+    /// A request an idle connection could not take (the app had closed it) goes out again on
+    /// another. The response's body is still on the connection: [`release`](Self::release)
+    /// it once read to its end.
+    pub(crate) async fn send<B>(&self, request: AppRequest<B>) -> Result<AppResponse, AppError>
+    where
+        B: Body<Data = Bytes> + Unpin + Send + 'static,
+        B::Error: std::fmt::Display,
+    {
+        let AppRequest {
+            mut head,
+            framing,
+            body,
+            head_request,
+        } = request;
+        let mut body = BodyWriter::new(body, framing);
+        body.take_ready(&mut head)?;
         loop {
-            let (mut sender, reused) = match self.take_idle() {
-                Some(sender) => (sender, true),
+            let (mut conn, reused) = match self.take_idle() {
+                Some(conn) => (conn, true),
                 None => (self.connect().await?, false),
             };
-            if let Err(err) = sender.ready().await {
-                if reused {
-                    continue; // closed while idle
-                }
-                return Err(err.into());
-            }
-            match sender.try_send_request(request).await {
-                Ok(response) => return Ok((response, sender)),
-                Err(mut err) => match err.take_message() {
-                    Some(unsent) if reused => request = unsent,
-                    _ => return Err(err.into_error().into()),
-                },
+            match conn.write.write_all(&head).await {
+                Ok(()) => return conn.answer(body, head_request).await,
+                Err(_) if reused => continue, // closed while idle, unnoticed
+                Err(err) => return Err(AppError::Io(err)),
             }
         }
     }
 
-    /// Takes back a connection whose last response has been read to its end.
-    pub(crate) fn release(&self, sender: SendRequest<B>) {
-        if sender.is_closed() {
-            return;
-        }
+    /// Takes back a connection whose last response was read to its end (see
+    /// [`AppResponseBody::into_reusable`]).
+    pub(crate) fn release(&self, conn: AppConnection) {
         let mut idle = self.idle.lock().expect("app pool lock");
         if idle.len() < self.max_idle {
             idle.push(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }
@@ -136,14 +580,22 @@ where
         self.idle.lock().expect("app pool lock").len()
     }
 
-    fn take_idle(&self) -> Option<SendRequest<B>> {
-        let mut idle = self.idle.lock().expect("app pool lock");
-        while let Some(conn) = idle.pop() {
-            if !conn.sender.is_closed() && conn.since.elapsed() < self.idle_timeout {
-                return Some(conn.sender);
+    fn take_idle(&self) -> Option<AppConnection> {
+        loop {
+            let conn = {
+                let mut idle = self.idle.lock().expect("app pool lock");
+                let conn = idle.pop()?;
+                if conn.since.elapsed() >= self.idle_timeout {
+                    // The oldest are first: everything left is older still.
+                    idle.clear();
+                    return None;
+                }
+                conn.conn
+            };
+            if conn.still_open() {
+                return Some(conn);
             }
         }
-        None
     }
 
     fn close_expired(&self) {
@@ -153,40 +605,34 @@ where
             .take_while(|conn| conn.since.elapsed() >= self.idle_timeout)
             .count();
         idle.drain(..expired);
-        idle.retain(|conn| !conn.sender.is_closed());
+        idle.retain(|conn| conn.conn.still_open());
     }
 
-    async fn connect(&self) -> Result<SendRequest<B>, AppError> {
+    async fn connect(&self) -> Result<AppConnection, AppError> {
         let tcp = tokio::time::timeout(
             self.connect_timeout,
             TcpStream::connect(self.authority.as_str()),
         )
         .await
         .map_err(|_| {
-            AppError::Connect(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
+            AppError::Connect(io::Error::new(
+                io::ErrorKind::TimedOut,
                 format!("no answer within {}s", self.connect_timeout.as_secs()),
             ))
         })?
         .map_err(AppError::Connect)?;
         let _ = tcp.set_nodelay(true);
-        let (sender, connection) = http1::Builder::new().handshake(TokioIo::new(tcp)).await?;
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                debug!(%err, "connection to the app ended");
-            }
-        });
-        Ok(sender)
+        let (read, write) = tcp.into_split();
+        Ok(AppConnection {
+            read,
+            write,
+            read_buf: BytesMut::new(),
+        })
     }
 }
 
 /// Closes connections idle for longer than `every`, until the pool is gone.
-async fn close_idle<B>(pool: Weak<AppConnections<B>>, every: Duration)
-where
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+async fn close_idle(pool: Weak<AppConnections>, every: Duration) {
     let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
     tick.tick().await;
     loop {
@@ -197,152 +643,4 @@ where
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use bytes::Bytes;
-    use http_body_util::{BodyExt, Empty};
-    use hyper::server::conn::http1 as server;
-    use hyper::service::service_fn;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::net::TcpListener;
-
-    /// An app answering `200 ok` that counts its connections and closes each after `per_conn`
-    /// requests (0: never).
-    async fn app(per_conn: usize) -> (String, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let served = Arc::new(AtomicUsize::new(0));
-                    let service = service_fn(move |_req| {
-                        let n = served.fetch_add(1, Ordering::SeqCst) + 1;
-                        let mut response =
-                            Response::new(http_body_util::Full::new(Bytes::from("ok")));
-                        if per_conn > 0 && n >= per_conn {
-                            response
-                                .headers_mut()
-                                .insert(http::header::CONNECTION, "close".parse().unwrap());
-                        }
-                        async move { Ok::<_, std::convert::Infallible>(response) }
-                    });
-                    let _ = server::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .await;
-                });
-            }
-        });
-        (addr, accepted)
-    }
-
-    fn pool(addr: String) -> Arc<AppConnections<Empty<Bytes>>> {
-        AppConnections::new(addr, 8, Duration::from_secs(30), Duration::from_secs(5))
-    }
-
-    fn get() -> Request<Empty<Bytes>> {
-        Request::builder()
-            .uri("/x")
-            .header("host", "app")
-            .body(Empty::new())
-            .unwrap()
-    }
-
-    async fn ask(pool: &AppConnections<Empty<Bytes>>) -> Bytes {
-        let (response, sender) = pool.send(get()).await.unwrap();
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        pool.release(sender);
-        body
-    }
-
-    #[tokio::test]
-    async fn a_released_connection_is_reused() {
-        let (addr, accepted) = app(0).await;
-        let pool = pool(addr);
-        for _ in 0..5 {
-            assert_eq!(&ask(&pool).await[..], b"ok");
-        }
-        assert_eq!(accepted.load(Ordering::SeqCst), 1);
-        assert_eq!(pool.idle_count(), 1);
-    }
-
-    #[tokio::test]
-    async fn a_connection_the_app_closed_is_replaced() {
-        // The app closes every connection after one answer: each request needs a new one, and
-        // none fails for finding the old one closed.
-        let (addr, accepted) = app(1).await;
-        let pool = pool(addr);
-        for _ in 0..4 {
-            assert_eq!(&ask(&pool).await[..], b"ok");
-        }
-        assert_eq!(accepted.load(Ordering::SeqCst), 4);
-    }
-
-    #[tokio::test]
-    async fn a_connection_the_app_dropped_while_idle_is_replaced() {
-        // Like an app whose keep-alive timeout passed: it closes an idle connection without a
-        // word. The next request, sent before the pool has noticed, comes back unsent from the
-        // closed connection and goes out on a new one instead of failing.
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        use tokio::sync::{mpsc, oneshot};
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        // Each message closes the connection that answered last, then acknowledges.
-        let (close_tx, mut close_rx) = mpsc::channel::<oneshot::Sender<()>>(1);
-        tokio::spawn(async move {
-            while let Ok((mut tcp, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                let mut buf = [0u8; 1024];
-                let mut head = Vec::new();
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tcp.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = tcp
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await;
-                if let Some(done) = close_rx.recv().await {
-                    drop(tcp);
-                    let _ = done.send(());
-                }
-            }
-        });
-        let pool = pool(addr);
-        for _ in 0..3 {
-            assert_eq!(&ask(&pool).await[..], b"ok");
-            let (done_tx, done_rx) = oneshot::channel();
-            close_tx.send(done_tx).await.unwrap();
-            done_rx.await.unwrap();
-        }
-        assert_eq!(accepted.load(Ordering::SeqCst), 3);
-    }
-
-    #[tokio::test]
-    async fn connections_idle_too_long_are_not_used() {
-        let (addr, accepted) = app(0).await;
-        let pool = AppConnections::new(addr, 8, Duration::ZERO, Duration::from_secs(5));
-        ask(&pool).await;
-        ask(&pool).await;
-        assert_eq!(accepted.load(Ordering::SeqCst), 2);
-    }
-
-    #[tokio::test]
-    async fn an_app_that_is_not_running_is_named() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        drop(listener);
-        let err = pool(addr).send(get()).await.unwrap_err();
-        assert!(matches!(err, AppError::Connect(_)), "{err:?}");
-        assert!(
-            err.describe().contains("is the app running?"),
-            "{}",
-            err.describe()
-        );
-    }
-}
+mod tests;

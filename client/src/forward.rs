@@ -4,28 +4,26 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use ferry_mux::{MuxHandle, PumpError, StreamGuard, StreamSender, TunnelBody};
 use ferry_protocol::{Control, HeaderList, RequestHead, ResponseHead};
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Either, Empty};
-use hyper::client::conn::http1::SendRequest;
+use http::StatusCode;
+use http_body::Body as _;
+use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 use tracing::debug;
 
-use crate::app::AppConnections;
+use crate::app::{AppConnections, AppRequest, AppResponse};
 use crate::dedupe::{DeliveredIds, Seen};
 use crate::events::{millis, Event, RequestEvent};
+use crate::http1;
 use crate::target::Target;
-
-/// Body of requests sent to the local app.
-type AppBody = Either<Empty<Bytes>, TunnelBody>;
 
 /// Shared by every forwarded request of one client.
 pub(crate) struct Forwarder {
     pub(crate) target: Target,
     pub(crate) timeout: Duration,
-    app: Arc<AppConnections<AppBody>>,
+    app: Arc<AppConnections>,
     events: mpsc::Sender<Event>,
     next_id: AtomicU64,
     /// Delivery ids already handed to the app, for the current session.
@@ -129,12 +127,8 @@ impl Forwarder {
         }
         let mut dedupe = DedupeGuard(dedupe);
         let outcome = match self.build_request(&head, body) {
-            Ok(request) => {
-                event.path = request
-                    .uri()
-                    .path_and_query()
-                    .map(|p| p.to_string())
-                    .unwrap_or_default();
+            Ok((request, path)) => {
+                event.path = path;
                 tokio::select! {
                     outcome = self.call(request) => outcome,
                     _ = guard.cancelled() => {
@@ -148,40 +142,51 @@ impl Forwarder {
             Err(detail) => Err((StatusCode::BAD_REQUEST, "bad request", detail)),
         };
         match outcome {
-            Ok((response, connection)) => {
-                event.status = response.status().as_u16();
+            Ok(AppResponse {
+                status,
+                headers,
+                body: mut app_body,
+            }) => {
+                event.status = status;
                 // The app answered: unless it failed (5xx, which the relay retries), the id
                 // is on disk before the relay hears of it, so a redelivery after a lost
                 // acknowledgement is not passed to the app again.
                 if let Some((ids, id)) = dedupe.0.take() {
-                    if response.status().is_server_error() {
+                    if status >= 500 {
                         ids.abandon(&id);
                     } else if let Err(err) = ids.commit(&id).await {
                         tracing::warn!(%err, id, "could not record the delivered id");
                     }
                 }
-                let (parts, body) = response.into_parts();
-                let has_body = !http_body::Body::is_end_stream(&body);
+                let has_body = !app_body.is_end_stream();
                 let head = ResponseHead {
                     stream: sender.id(),
-                    status: parts.status.as_u16(),
-                    headers: header_list(&parts.headers),
+                    status,
+                    headers,
                     has_body,
                 };
                 if !has_body {
-                    self.app.release(connection);
+                    if let Some(conn) = app_body.into_reusable() {
+                        self.app.release(conn);
+                    }
                     match sender.send_control(Control::ResponseHead(head)).await {
                         Ok(()) => guard.finish(),
                         Err(err) => event.error = Some(err.to_string()),
                     }
                 } else {
                     match sender
-                        .send_head_and_body(sender.encode(&Control::ResponseHead(head)), body, None)
+                        .send_head_and_body(
+                            sender.encode(&Control::ResponseHead(head)),
+                            &mut app_body,
+                            None,
+                        )
                         .await
                     {
                         Ok(sent) => {
                             // The answer was read to its end: the connection can take another.
-                            self.app.release(connection);
+                            if let Some(conn) = app_body.into_reusable() {
+                                self.app.release(conn);
+                            }
                             event.response_bytes = sent;
                             guard.finish();
                         }
@@ -282,49 +287,38 @@ impl Forwarder {
         event
     }
 
+    /// The request for the app, and its path and query (for the console).
     fn build_request(
         &self,
         head: &RequestHead,
         body: TunnelBody,
-    ) -> Result<Request<AppBody>, String> {
-        let method = Method::from_bytes(head.method.as_bytes())
-            .map_err(|_| format!("invalid method {:?}", head.method))?;
+    ) -> Result<(AppRequest<TunnelBody>, String), String> {
         // Origin form (`/path?query`): the connection is to the target, and only to it.
-        let uri = http::Uri::from(self.target.path_for(&head.target)?);
-        let mut headers = HeaderMap::with_capacity(head.headers.len() + 1);
-        for (name, value) in head.headers.iter_shared() {
-            let name = header_name(name)?;
-            if is_connection_specific(&name) || name == header::HOST {
-                continue;
-            }
-            let value = HeaderValue::from_maybe_shared(value)
-                .map_err(|_| format!("invalid value for header {name}"))?;
-            headers.append(name, value);
-        }
-        let host = HeaderValue::from_str(self.target.authority().as_str())
-            .map_err(|_| "invalid target host".to_owned())?;
-        headers.insert(header::HOST, host);
-        let body = if head.has_body {
-            Either::Right(body)
-        } else {
-            Either::Left(Empty::new())
+        let path = self.target.path_for(&head.target)?;
+        let mut bytes = BytesMut::new();
+        let framing = http1::write_request_head(
+            &mut bytes,
+            &head.method,
+            path.as_str(),
+            self.target.authority().as_str(),
+            &head.headers,
+            head.has_body,
+        )?;
+        let request = AppRequest {
+            head: bytes,
+            framing,
+            body,
+            head_request: head.method == "HEAD",
         };
-        let mut request = Request::new(body);
-        *request.method_mut() = method;
-        *request.uri_mut() = uri;
-        *request.headers_mut() = headers;
-        Ok(request)
+        Ok((request, path.as_str().to_owned()))
     }
 
-    /// Sends `request` to the app; the connection comes back with the response, to be
-    /// released once the response's body has been read.
+    /// Sends `request` to the app and reads the response head; the connection comes with the
+    /// response's body, to be released once that has been read.
     async fn call(
         &self,
-        request: Request<AppBody>,
-    ) -> Result<
-        (http::Response<hyper::body::Incoming>, SendRequest<AppBody>),
-        (StatusCode, &'static str, String),
-    > {
+        request: AppRequest<TunnelBody>,
+    ) -> Result<AppResponse, (StatusCode, &'static str, String)> {
         let target = &self.target;
         match tokio::time::timeout(self.timeout, self.app.send(request)).await {
             Ok(Ok(answer)) => Ok(answer),
@@ -356,61 +350,5 @@ impl Drop for DedupeGuard {
         if let Some((ids, id)) = self.0.take() {
             ids.abandon(&id);
         }
-    }
-}
-
-/// `name` as an `http` header name. The names the relay adds to every request are known in
-/// advance: taken as static names, they cost no allocation and no validation (an unknown name
-/// is copied into a buffer of its own).
-fn header_name(name: &str) -> Result<HeaderName, String> {
-    let known = match name {
-        "x-forwarded-for" => "x-forwarded-for",
-        "x-forwarded-proto" => "x-forwarded-proto",
-        "x-forwarded-host" => "x-forwarded-host",
-        "x-forwarded-prefix" => "x-forwarded-prefix",
-        _ => {
-            return HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| format!("invalid header name {name:?}"))
-        }
-    };
-    Ok(HeaderName::from_static(known))
-}
-
-fn is_connection_specific(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection" | "proxy-connection" | "keep-alive" | "te" | "transfer-encoding" | "upgrade"
-    )
-}
-
-/// The app's response headers as a list, keeping duplicates and bytes.
-fn header_list(headers: &HeaderMap) -> HeaderList {
-    let mut list = HeaderList::with_capacity(headers.len());
-    for (name, value) in headers {
-        list.push(name.as_str(), value.as_bytes());
-    }
-    list
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn header_names_known_in_advance_are_the_same_names() {
-        for name in [
-            "x-forwarded-for",
-            "x-forwarded-proto",
-            "x-forwarded-host",
-            "x-forwarded-prefix",
-            "content-type",
-            "x-github-delivery",
-        ] {
-            assert_eq!(
-                header_name(name).unwrap(),
-                HeaderName::from_bytes(name.as_bytes()).unwrap()
-            );
-        }
-        assert!(header_name("bad name").unwrap_err().contains("bad name"));
     }
 }

@@ -4,6 +4,7 @@
 //! - [`run`]: connect, serve, reconnect with backoff, until shutdown or a fatal error.
 //! - `connect`: the WebSocket handshake and hello/welcome.
 //! - `forward`: one request to the local app and its response back.
+//! - `app`, `http1`: the connections to the local app, and HTTP/1.1 on them as bytes.
 //! - [`events`]: what the console prints.
 //! - [`target`]: the only place requests may go.
 
@@ -26,6 +27,7 @@ mod connect;
 pub mod dedupe;
 pub mod events;
 mod forward;
+mod http1;
 pub mod target;
 mod tls;
 

@@ -66,6 +66,16 @@ impl HeaderList {
         self.ends.push((self.names.len(), self.values.len()));
     }
 
+    /// Appends one entry with its name in lower case, as hyper and HTTP/2 spell names (they are
+    /// case-insensitive), without a buffer of its own for the lowered name.
+    pub fn push_lowercased(&mut self, name: &str, value: &[u8]) {
+        let start = self.names.len();
+        self.names.push_str(name);
+        self.names[start..].make_ascii_lowercase();
+        self.values.extend_from_slice(value);
+        self.ends.push((self.names.len(), self.values.len()));
+    }
+
     /// The entries, in order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
         let mut start = (0, 0);
@@ -356,6 +366,23 @@ mod tests {
         list.push_joined("c", &[]);
         let got: Vec<(&str, &[u8])> = list.iter().collect();
         assert_eq!(got, [("a", &b"1"[..]), ("b", b"/s1"), ("c", b"")]);
+    }
+
+    #[test]
+    fn a_lowercased_entry_lowers_only_its_own_name() {
+        let mut list = HeaderList::new();
+        list.push("X-Keep", "V");
+        list.push_lowercased("Content-Type", b"Text/Plain");
+        list.push_lowercased("x-already", b"\xff");
+        let got: Vec<(&str, &[u8])> = list.iter().collect();
+        assert_eq!(
+            got,
+            [
+                ("X-Keep", &b"V"[..]),
+                ("content-type", b"Text/Plain"),
+                ("x-already", b"\xff")
+            ]
+        );
     }
 
     #[test]
