@@ -35,6 +35,10 @@ use ferry_protocol::HeaderList;
 const CHUNK: usize = 64 * 1024;
 /// What one read for a response head asks for.
 const HEAD_READ: usize = 8 * 1024;
+/// Most pieces (body chunks and chunk lines) in one write of a request body.
+const BATCH_PIECES: usize = 48;
+/// A write of a request body takes no more pieces once it holds this many bytes.
+const BATCH_BYTES: usize = 512 * 1024;
 
 /// Why the app could not be asked, or its answer not read.
 #[derive(Debug, thiserror::Error)]
@@ -250,27 +254,54 @@ where
         Ok(())
     }
 
-    /// Writes the rest of the body as it comes.
+    /// Writes the rest of the body as it comes: each write takes every piece that is ready
+    /// by then (up to [`BATCH_PIECES`] pieces or [`BATCH_BYTES`]), so a fast upload leaves in
+    /// few large writes and the app wakes once for many pieces.
     async fn write_rest<W: AsyncWrite + Unpin>(&mut self, io: &mut W) -> Result<(), AppError> {
-        let mut framing = BytesMut::with_capacity(32);
+        let mut batch: Vec<Bytes> = Vec::new();
+        let mut framing = BytesMut::new();
         while !self.done {
             let next = self.body.frame().await;
-            match self.next_data(next)? {
-                Some(data) => {
-                    framing.clear();
-                    self.put_prefix(&mut framing, data.len());
-                    let prefix = framing.split();
-                    self.put_suffix(&mut framing);
-                    write_all_parts(io, [&prefix, &data, &framing])
-                        .await
-                        .map_err(AppError::Io)?;
-                }
-                None if self.framing == RequestFraming::Chunked => io
-                    .write_all(http1::LAST_CHUNK)
-                    .await
-                    .map_err(AppError::Io)?,
-                None => {}
+            self.put_piece(next, &mut batch, &mut framing)?;
+            while !self.done
+                && batch.len() < BATCH_PIECES
+                && batch.iter().map(Bytes::len).sum::<usize>() < BATCH_BYTES
+            {
+                let Some(next) = self.body.frame().now_or_never() else {
+                    break;
+                };
+                self.put_piece(next, &mut batch, &mut framing)?;
             }
+            write_all_pieces(io, &mut batch)
+                .await
+                .map_err(AppError::Io)?;
+        }
+        Ok(())
+    }
+
+    /// Adds the body's next frame to `batch`, framed (`scratch` holds the chunk lines).
+    fn put_piece(
+        &mut self,
+        next: Option<Result<Frame<Bytes>, B::Error>>,
+        batch: &mut Vec<Bytes>,
+        scratch: &mut BytesMut,
+    ) -> Result<(), AppError> {
+        match self.next_data(next)? {
+            Some(data) => {
+                if self.framing == RequestFraming::Chunked {
+                    self.put_prefix(scratch, data.len());
+                    batch.push(scratch.split().freeze());
+                    batch.push(data);
+                    self.put_suffix(scratch);
+                    batch.push(scratch.split().freeze());
+                } else {
+                    batch.push(data);
+                }
+            }
+            None if self.done && self.framing == RequestFraming::Chunked => {
+                batch.push(Bytes::from_static(http1::LAST_CHUNK));
+            }
+            None => {}
         }
         Ok(())
     }
@@ -334,23 +365,33 @@ where
     }
 }
 
-/// Writes `parts` in as few writes as the socket takes.
-async fn write_all_parts<W: AsyncWrite + Unpin>(io: &mut W, parts: [&[u8]; 3]) -> io::Result<()> {
-    let mut parts = parts;
-    loop {
-        let first = parts.iter().position(|part| !part.is_empty());
-        let Some(first) = first else { return Ok(()) };
-        let slices = parts.map(IoSlice::new);
-        let mut written = io.write_vectored(&slices[first..]).await?;
+/// Writes every piece of `batch`, in as few writes as the socket takes, and empties it.
+async fn write_all_pieces<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    batch: &mut Vec<Bytes>,
+) -> io::Result<()> {
+    let mut first = 0;
+    while first < batch.len() {
+        let slices: Vec<IoSlice<'_>> = batch[first..].iter().map(|b| IoSlice::new(b)).collect();
+        let mut written = io.write_vectored(&slices).await?;
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        for part in parts.iter_mut() {
-            let n = written.min(part.len());
-            *part = &part[n..];
+        while written > 0 {
+            let piece = &mut batch[first];
+            let n = written.min(piece.len());
+            piece.advance(n);
             written -= n;
+            if piece.is_empty() {
+                first += 1;
+            }
+        }
+        while first < batch.len() && batch[first].is_empty() {
+            first += 1;
         }
     }
+    batch.clear();
+    Ok(())
 }
 
 enum BodyState {

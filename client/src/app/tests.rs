@@ -453,3 +453,83 @@ async fn an_app_that_answers_while_it_reads_gets_the_whole_body() {
         "both directions done: the connection is kept"
     );
 }
+
+/// A sink that records each write it is given.
+#[derive(Default)]
+struct CountingSink {
+    writes: usize,
+    bytes: Vec<u8>,
+}
+
+impl AsyncWrite for CountingSink {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.writes += 1;
+        self.bytes.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.writes += 1;
+        let mut n = 0;
+        for buf in bufs {
+            self.bytes.extend_from_slice(buf);
+            n += buf.len();
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[tokio::test]
+async fn pieces_of_an_upload_that_are_ready_together_leave_in_one_write() {
+    let pieces =
+        || (0..32u8).map(|i| Ok::<_, Infallible>(Frame::data(Bytes::from(vec![i; 10_000]))));
+    for framing in [RequestFraming::Length(320_000), RequestFraming::Chunked] {
+        let body = StreamBody::new(futures_util::stream::iter(pieces()));
+        let mut writer = BodyWriter::new(body, framing);
+        let mut sink = CountingSink::default();
+        writer.write_rest(&mut sink).await.unwrap();
+        assert!(writer.done);
+        // Unbatched, 32 writes or more. Chunked, each piece is three (size line, data, line
+        // break): 96 of them leave in two writes of BATCH_PIECES, then the last chunk.
+        let most = if framing == RequestFraming::Chunked {
+            3
+        } else {
+            1
+        };
+        assert!(sink.writes <= most, "{framing:?}: {} writes", sink.writes);
+        let mut expected = Vec::new();
+        for i in 0..32u8 {
+            if framing == RequestFraming::Chunked {
+                expected.extend_from_slice(b"2710\r\n");
+            }
+            expected.extend_from_slice(&[i; 10_000]);
+            if framing == RequestFraming::Chunked {
+                expected.extend_from_slice(b"\r\n");
+            }
+        }
+        if framing == RequestFraming::Chunked {
+            expected.extend_from_slice(b"0\r\n\r\n");
+        }
+        assert!(sink.bytes == expected, "{framing:?}: the bytes differ");
+    }
+}
