@@ -7,7 +7,7 @@
 //! for hyper's client and taking them apart again did (docs/BENCHMARKS.md, finding 29).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use ferry_protocol::HeaderList;
+use ferry_protocol::{is_hop_by_hop, HeaderList};
 
 /// Largest response head taken from the app: status line and headers.
 pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -82,7 +82,7 @@ pub(crate) fn write_request_head(
         if name.is_empty() || !name.bytes().all(is_token_byte) {
             return Err(format!("invalid header name {name:?}"));
         }
-        if is_connection_specific(name) || name.eq_ignore_ascii_case("host") {
+        if is_hop_by_hop(name) || name.eq_ignore_ascii_case("host") {
             continue;
         }
         if !value.iter().all(|&b| is_value_byte(b)) {
@@ -424,20 +424,6 @@ fn trim(bytes: &[u8]) -> &[u8] {
             .take_while(|b| b.is_ascii_whitespace())
             .count();
     &bytes[start..end]
-}
-
-/// Headers that describe one connection and never go to the next hop.
-fn is_connection_specific(name: &str) -> bool {
-    [
-        "connection",
-        "proxy-connection",
-        "keep-alive",
-        "te",
-        "transfer-encoding",
-        "upgrade",
-    ]
-    .iter()
-    .any(|hop| name.eq_ignore_ascii_case(hop))
 }
 
 /// A `tchar` of RFC 9110: what a method or a header name is made of.

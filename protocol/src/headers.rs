@@ -9,6 +9,23 @@ use std::fmt;
 use serde::de::{Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// Headers that describe one connection rather than the message (RFC 9110 §7.6.1): never
+/// carried to the next hop, in either direction. The names a message lists in `Connection` are
+/// hop-by-hop too.
+pub const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Whether `name` (in any case) is one of [`HOP_BY_HOP`].
+pub fn is_hop_by_hop(name: &str) -> bool {
+    HOP_BY_HOP.iter().any(|hop| name.eq_ignore_ascii_case(hop))
+}
+
 /// Why a header list could not be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HeaderListError {
@@ -366,6 +383,22 @@ mod tests {
         list.push_joined("c", &[]);
         let got: Vec<(&str, &[u8])> = list.iter().collect();
         assert_eq!(got, [("a", &b"1"[..]), ("b", b"/s1"), ("c", b"")]);
+    }
+
+    #[test]
+    fn hop_by_hop_names_match_in_any_case() {
+        for name in [
+            "Connection",
+            "TE",
+            "transfer-encoding",
+            "Upgrade",
+            "keep-alive",
+        ] {
+            assert!(is_hop_by_hop(name), "{name}");
+        }
+        for name in ["content-length", "tea", "x-upgrade", ""] {
+            assert!(!is_hop_by_hop(name), "{name}");
+        }
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub use control::{
     RespondPolicy, ResponseHead, Resume,
 };
 pub use frame::{BinaryMessage, DataFrame, FrameError, FRAME_HEADER_LEN};
-pub use headers::{HeaderList, HeaderListError};
+pub use headers::{is_hop_by_hop, HeaderList, HeaderListError, HOP_BY_HOP};
 pub use session::{validate_session_name, SessionNameError};
 
 /// The protocol version this build speaks. Bumped on any incompatible change.

@@ -3,18 +3,8 @@
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
-use ferry_protocol::HeaderList;
+use ferry_protocol::{HeaderList, HOP_BY_HOP};
 use http::{HeaderMap, HeaderName, HeaderValue};
-
-/// Headers that describe one connection rather than the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 6] = [
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "te",
-    "transfer-encoding",
-    "upgrade",
-];
 
 /// Whether `name` must not be forwarded, given the names listed in the message's `Connection`.
 fn is_hop_by_hop(name: &HeaderName, listed: &[String]) -> bool {
