@@ -241,15 +241,12 @@ where
 
     /// Appends to `out` what the body has ready right now, up to [`CHUNK`] bytes in all.
     fn take_ready(&mut self, out: &mut BytesMut) -> Result<(), AppError> {
+        let mut scratch = BytesMut::new();
         while !self.done && out.len() < CHUNK {
             let Some(next) = self.body.frame().now_or_never() else {
                 break;
             };
-            if let Some(data) = self.next_data(next)? {
-                self.put_prefix(out, data.len());
-                out.put_slice(&data);
-                self.put_suffix(out);
-            }
+            self.frame_next(next, &mut scratch, |piece| out.put_slice(&piece))?;
         }
         Ok(())
     }
@@ -259,10 +256,10 @@ where
     /// few large writes and the app wakes once for many pieces.
     async fn write_rest<W: AsyncWrite + Unpin>(&mut self, io: &mut W) -> Result<(), AppError> {
         let mut batch: Vec<Bytes> = Vec::new();
-        let mut framing = BytesMut::new();
+        let mut scratch = BytesMut::new();
         while !self.done {
             let next = self.body.frame().await;
-            self.put_piece(next, &mut batch, &mut framing)?;
+            self.frame_next(next, &mut scratch, |piece| batch.push(piece))?;
             while !self.done
                 && batch.len() < BATCH_PIECES
                 && batch.iter().map(Bytes::len).sum::<usize>() < BATCH_BYTES
@@ -270,7 +267,7 @@ where
                 let Some(next) = self.body.frame().now_or_never() else {
                     break;
                 };
-                self.put_piece(next, &mut batch, &mut framing)?;
+                self.frame_next(next, &mut scratch, |piece| batch.push(piece))?;
             }
             write_all_pieces(io, &mut batch)
                 .await
@@ -279,28 +276,30 @@ where
         Ok(())
     }
 
-    /// Adds the body's next frame to `batch`, framed (`scratch` holds the chunk lines).
-    fn put_piece(
+    /// Hands `emit` what the body's next frame puts on the wire, in order: its data, framed
+    /// when chunked (`scratch` holds the chunk lines), and the last chunk once the body ends.
+    fn frame_next(
         &mut self,
         next: Option<Result<Frame<Bytes>, B::Error>>,
-        batch: &mut Vec<Bytes>,
         scratch: &mut BytesMut,
+        mut emit: impl FnMut(Bytes),
     ) -> Result<(), AppError> {
+        let chunked = self.framing == RequestFraming::Chunked;
         match self.next_data(next)? {
-            Some(data) => {
-                if self.framing == RequestFraming::Chunked {
-                    self.put_prefix(scratch, data.len());
-                    batch.push(scratch.split().freeze());
-                    batch.push(data);
-                    self.put_suffix(scratch);
-                    batch.push(scratch.split().freeze());
-                } else {
-                    batch.push(data);
+            Some(data) if chunked => {
+                http1::put_chunk_header(scratch, data.len());
+                emit(scratch.split().freeze());
+                emit(data);
+                scratch.put_slice(b"\r\n");
+                // The end known now goes with this chunk rather than in a write of its own.
+                if self.body.is_end_stream() {
+                    scratch.put_slice(http1::LAST_CHUNK);
+                    self.done = true;
                 }
+                emit(scratch.split().freeze());
             }
-            None if self.done && self.framing == RequestFraming::Chunked => {
-                batch.push(Bytes::from_static(http1::LAST_CHUNK));
-            }
+            Some(data) => emit(data),
+            None if self.done && chunked => emit(Bytes::from_static(http1::LAST_CHUNK)),
             None => {}
         }
         Ok(())
@@ -345,23 +344,6 @@ where
             self.done = self.sent == n;
         }
         Ok(Some(data))
-    }
-
-    fn put_prefix(&self, out: &mut BytesMut, len: usize) {
-        if self.framing == RequestFraming::Chunked {
-            http1::put_chunk_header(out, len);
-        }
-    }
-
-    /// The chunk's line break, and the last chunk too if the body is known to end here.
-    fn put_suffix(&mut self, out: &mut BytesMut) {
-        if self.framing == RequestFraming::Chunked {
-            out.put_slice(b"\r\n");
-            if self.body.is_end_stream() {
-                out.put_slice(http1::LAST_CHUNK);
-                self.done = true;
-            }
-        }
     }
 }
 

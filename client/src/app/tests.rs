@@ -533,3 +533,33 @@ async fn pieces_of_an_upload_that_are_ready_together_leave_in_one_write() {
         assert!(sink.bytes == expected, "{framing:?}: the bytes differ");
     }
 }
+
+#[tokio::test]
+async fn a_chunked_body_whose_end_comes_apart_from_its_data_is_ended() {
+    // The body's end arrives as a frame of its own, right after its data, or alone (an empty
+    // body): either way the app must get the last chunk, or it waits for more.
+    let (addr, mut seen) = recording_app(OK).await;
+    let pool = pool(addr);
+    let pieces: [&[&'static [u8]]; 2] = [&[b"hello"], &[]];
+    for data in pieces {
+        let frames = data
+            .iter()
+            .map(|d| Ok::<_, Infallible>(Frame::data(Bytes::from_static(d))))
+            .collect::<Vec<_>>();
+        let body = StreamBody::new(futures_util::stream::iter(frames));
+        let req = request("POST", &[], true, body);
+        let asked = tokio::time::timeout(Duration::from_secs(10), ask(&pool, req));
+        assert_eq!(asked.await.expect("the app waited for more").0, 200);
+        let wire = seen.recv().await.unwrap();
+        let expected: &[u8] = if data.is_empty() {
+            b"0\r\n\r\n"
+        } else {
+            b"5\r\nhello\r\n0\r\n\r\n"
+        };
+        assert!(
+            wire.ends_with(expected),
+            "{}",
+            String::from_utf8_lossy(&wire)
+        );
+    }
+}
