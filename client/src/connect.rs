@@ -6,7 +6,7 @@ use ferry_protocol::{
     Control, ErrorCode, OfflinePolicy, RespondPolicy, Resume, CONNECT_PATH, PROTOCOL_VERSION,
     SUBPROTOCOL,
 };
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use http::{header, HeaderValue};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use ferry_mux::{MuxIo, Side};
+use ferry_mux::{MuxIo, Side, WsMessage};
 
 use crate::tls::OpenError;
 
@@ -50,10 +50,12 @@ pub(crate) struct Welcome {
     pub(crate) binary_control: bool,
 }
 
-/// WebSocket settings: small buffers for idle tunnels, frames sized to our chunks.
+/// WebSocket settings: frames sized to our chunks. tungstenite does the opening handshake and
+/// writes the hello; every message is read by [`MuxIo::read_message`], so tungstenite's read
+/// buffer is kept at its smallest.
 pub(crate) fn websocket_config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(16 * 1024)
+        .read_buffer_size(1024)
         .write_buffer_size(64 * 1024)
         .max_write_buffer_size(4 * 1024 * 1024)
         .max_message_size(Some(ferry_protocol::MAX_CONTROL_LEN + 1024))
@@ -138,13 +140,15 @@ pub(crate) async fn connect(
         binary_control: Some(true),
     };
     let exchange = async {
-        ws.send(Message::text(hello.encode())).await?;
+        ws.send(Message::text(hello.encode()))
+            .await
+            .map_err(|err| err.to_string())?;
         loop {
-            match ws.next().await {
-                Some(Ok(Message::Text(text))) => return Ok(Some(text)),
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                Some(Ok(_)) | None => return Ok(None),
-                Some(Err(err)) => return Err(err),
+            match ws.get_mut().read_message().await {
+                Ok(Some(WsMessage::Ping | WsMessage::Pong)) => continue,
+                Ok(Some(msg @ WsMessage::Text(_))) => return Ok(Some(msg)),
+                Ok(Some(_) | None) => return Ok(None),
+                Err(err) => return Err(err.to_string()),
             }
         }
     };
@@ -164,9 +168,14 @@ pub(crate) async fn connect(
                 "the relay closed the connection during hello".into(),
             ))
         }
-        Ok(Ok(Some(text))) => text,
+        Ok(Ok(Some(msg))) => msg,
     };
-    match Control::decode(text.as_str()) {
+    let Some(text) = text.as_text() else {
+        return Err(ConnectError::Fatal(
+            "the relay sent a welcome that is not UTF-8".into(),
+        ));
+    };
+    match Control::decode(text) {
         Ok(Control::Welcome {
             session,
             url,

@@ -8,12 +8,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use ferry_protocol::flow::{max_frames, STREAM_WINDOW};
 use ferry_protocol::{BinaryMessage, Control, DataFrame, ErrorCode};
-use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -21,7 +19,7 @@ use tracing::{debug, warn};
 use crate::io::{MuxIo, WriteIo};
 use crate::stream::{DeliverError, Slot, StreamGuard, StreamSender};
 use crate::writer::{FrameWriter, Outgoing};
-use crate::{MuxError, TunnelBody};
+use crate::{MuxError, TunnelBody, WsMessage};
 
 /// Payloads up to this size are copied out of the WebSocket's read buffer (see `on_data`).
 const SMALL_PAYLOAD: usize = 8 * 1024;
@@ -397,7 +395,7 @@ where
         let msg = tokio::select! {
             biased;
             _ = shared.closed.cancelled() => return,
-            msg = stream.next() => msg,
+            msg = stream.get_mut().read_message() => msg,
             _ = watchdog.tick() => {
                 let silent = last_heard.elapsed();
                 if silent > silence_limit {
@@ -412,37 +410,37 @@ where
         };
         last_heard = Instant::now();
         let msg = match msg {
-            Some(Ok(msg)) => msg,
-            Some(Err(err)) => {
+            Ok(Some(msg)) => msg,
+            Err(err) => {
                 shared.close(&format!("connection error: {err}"));
                 return;
             }
-            None => {
+            Ok(None) => {
                 shared.close("connection closed by the other side");
                 return;
             }
         };
         let result = match msg {
-            Message::Binary(bytes) => match BinaryMessage::decode(bytes) {
+            WsMessage::Binary(bytes) => match BinaryMessage::decode(bytes) {
                 Ok(BinaryMessage::Data(frame)) => on_data(shared, frame),
                 Ok(BinaryMessage::Control(control)) => on_control(mux, handler, control),
                 Err(err) => Err(format!("protocol error: {err}")),
             },
-            Message::Text(text) => match Control::decode(text.as_str()) {
-                Ok(control) => on_control(mux, handler, control),
-                Err(err) => Err(format!("protocol error: {err}")),
+            WsMessage::Text(_) => match msg.as_text().map(Control::decode) {
+                Some(Ok(control)) => on_control(mux, handler, control),
+                Some(Err(err)) => Err(format!("protocol error: {err}")),
+                None => Err("protocol error: a text message that is not UTF-8".to_owned()),
             },
-            Message::Close(frame) => {
-                let reason = match frame {
-                    Some(frame) if !frame.reason.is_empty() => {
-                        format!("closed by the other side: {}", frame.reason)
-                    }
-                    _ => "closed by the other side".to_owned(),
+            WsMessage::Close { reason, .. } => {
+                let reason = if reason.is_empty() {
+                    "closed by the other side".to_owned()
+                } else {
+                    format!("closed by the other side: {reason}")
                 };
                 shared.close(&reason);
                 return;
             }
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(()),
+            WsMessage::Ping | WsMessage::Pong => Ok(()),
         };
         if let Err(reason) = result {
             warn!(%reason, "closing tunnel connection");

@@ -1,10 +1,10 @@
-//! One connection's byte stream, shared by the WebSocket reader and Ferry's own frame writer.
+//! One connection's byte stream, shared by Ferry's own frame reader and writer.
 //!
-//! tungstenite reads (and does the opening handshake), but its writer copies every payload into
-//! a buffer of its own. Ferry writes frames itself (see `writer.rs`), header and payload side by
-//! side in one vectored write. [`MuxIo`] is the stream handed to tungstenite; once the
-//! multiplexer starts it takes a second handle for writing and mutes the first, so the two
-//! never interleave bytes on the wire.
+//! tungstenite does the opening handshake; after it, Ferry reads frames itself
+//! ([`MuxIo::read_message`], `reader.rs`) and writes them itself (`writer.rs`, header and payload
+//! side by side in one vectored write): tungstenite copies every payload into buffers of its own.
+//! [`MuxIo`] is the stream handed to tungstenite; once the multiplexer starts it takes a second
+//! handle for writing and mutes the first, so the two never interleave bytes on the wire.
 
 use std::io;
 use std::pin::Pin;
@@ -13,6 +13,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::reader::{FrameReader, ReadError, WsMessage};
+
+/// Largest WebSocket message (and frame) read: a control message at its limit, with room to
+/// spare; data frames are far smaller.
+pub const MAX_MESSAGE: usize = ferry_protocol::MAX_CONTROL_LEN + 1024;
 
 /// Which end of the WebSocket this is: a client masks what it sends (RFC 6455 §5.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +51,7 @@ impl<S> Inner<S> {
 /// answers included: a peer's liveness is judged on anything received, never on pongs).
 pub struct MuxIo<S> {
     inner: Arc<Inner<S>>,
+    reader: FrameReader,
 }
 
 impl<S> MuxIo<S> {
@@ -56,6 +63,7 @@ impl<S> MuxIo<S> {
                 muted: AtomicBool::new(false),
                 side,
             }),
+            reader: FrameReader::new(side, MAX_MESSAGE),
         }
     }
 
@@ -74,6 +82,29 @@ impl<S> MuxIo<S> {
 
     fn muted(&self) -> bool {
         self.inner.muted.load(Ordering::Acquire)
+    }
+}
+
+impl<S: AsyncRead + Unpin> MuxIo<S> {
+    /// The next message from the peer; `None` once it has closed the connection. Read every
+    /// message after the opening handshake this way, never through tungstenite: bytes this
+    /// reader has taken off the socket are not seen by tungstenite's. Cancel-safe.
+    pub async fn read_message(&mut self) -> Result<Option<WsMessage>, ReadError> {
+        let MuxIo { inner, reader } = self;
+        reader.next(&mut SharedRead(inner)).await
+    }
+}
+
+/// Reads through the shared stream's lock.
+struct SharedRead<'a, S>(&'a Inner<S>);
+
+impl<S: AsyncRead + Unpin> AsyncRead for SharedRead<'_, S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0.lock()).poll_read(cx, buf)
     }
 }
 

@@ -15,6 +15,7 @@
 mod body;
 mod connection;
 mod io;
+mod reader;
 mod stream;
 mod writer;
 
@@ -22,7 +23,8 @@ pub use body::{BodyError, BodyTap, TunnelBody};
 pub use connection::{
     ControlHandler, Mux, MuxConfig, MuxHandle, MuxStats, PendingMux, MAX_STREAMS,
 };
-pub use io::{MuxIo, Side};
+pub use io::{MuxIo, Side, MAX_MESSAGE};
+pub use reader::{ReadError, WsMessage};
 pub use stream::{EncodedControl, PumpError, StreamGuard, StreamSender};
 
 /// Errors of a multiplexed connection.

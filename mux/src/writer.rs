@@ -204,7 +204,7 @@ fn advance(ready: &mut VecDeque<Bytes>, mut written: usize) {
 }
 
 /// XORs a frame's payload with its masking `key`.
-fn apply_mask(buf: &mut [u8], key: [u8; 4]) {
+pub(crate) fn apply_mask(buf: &mut [u8], key: [u8; 4]) {
     let wide = u64::from_ne_bytes([
         key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3],
     ]);

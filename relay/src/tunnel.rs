@@ -10,7 +10,7 @@ use ferry_protocol::{
     validate_session_name, Control, ErrorCode, RespondPolicy, PROTOCOL_VERSION, SUBPROTOCOL,
     SUBPROTOCOL_PREFIX,
 };
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -28,10 +28,12 @@ use crate::Relay;
 /// How long a client has to send its hello after the upgrade.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// WebSocket limits: frames carry at most one body chunk or one control message.
+/// WebSocket limits: frames carry at most one body chunk or one control message. tungstenite
+/// only writes here (a refusal before the mux starts); every message is read by
+/// [`MuxIo::read_message`], so tungstenite's read buffer is kept at its smallest.
 pub(crate) fn websocket_config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(8 * 1024)
+        .read_buffer_size(1024)
         .write_buffer_size(64 * 1024)
         .max_write_buffer_size(4 * 1024 * 1024)
         .max_message_size(Some(ferry_protocol::MAX_CONTROL_LEN + 1024))
@@ -165,9 +167,14 @@ async fn serve<S>(relay: Arc<Relay>, owner: crate::auth::TokenId, mut ws: WebSoc
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let hello = match tokio::time::timeout(HELLO_TIMEOUT, ws.next()).await {
-        Ok(Some(Ok(Message::Text(text)))) => Control::decode(text.as_str()),
-        _ => {
+    // The message is dropped once decoded: its bytes share the reader's buffer.
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, ws.get_mut().read_message()).await {
+        Ok(Ok(Some(msg))) => msg.as_text().map(Control::decode),
+        _ => None,
+    };
+    let hello = match hello {
+        Some(hello) => hello,
+        None => {
             refuse(
                 &mut ws,
                 ErrorCode::ProtocolError,

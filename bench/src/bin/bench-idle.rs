@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use clap::Parser;
-use ferry_mux::{ControlHandler, Mux, MuxConfig, MuxHandle, MuxIo, Side};
+use ferry_mux::{ControlHandler, Mux, MuxConfig, MuxHandle, MuxIo, Side, WsMessage};
 use ferry_protocol::{Control, CONNECT_PATH, PROTOCOL_VERSION, SUBPROTOCOL};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
@@ -162,11 +162,12 @@ async fn open(
     ws.send(Message::text(hello.encode())).await?;
     let welcome = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
-            match ws.next().await {
-                Some(Ok(Message::Text(text))) => return Ok(Control::decode(&text)?),
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                Some(Ok(other)) => bail!("unexpected message before welcome: {other:?}"),
-                Some(Err(err)) => return Err(err.into()),
+            match ws.get_mut().read_message().await? {
+                Some(WsMessage::Ping | WsMessage::Pong) => continue,
+                Some(msg) => match msg.as_text() {
+                    Some(text) => return Ok(Control::decode(text)?),
+                    None => bail!("unexpected message before welcome: {msg:?}"),
+                },
                 None => bail!("relay closed the connection before welcome"),
             }
         }
