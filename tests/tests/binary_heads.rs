@@ -1,5 +1,6 @@
 //! Heads in binary form: the relay sends them only to a client that asked, reads both forms, and
-//! a webhook crosses byte for byte either way.
+//! a webhook crosses byte for byte either way. Also: a hand-written client that breaks WebSocket
+//! framing is told why its tunnel closes.
 
 use bytes::Bytes;
 use ferry_protocol::{
@@ -164,4 +165,34 @@ async fn a_client_that_does_not_ask_gets_json_heads() {
 async fn a_client_that_asks_gets_binary_heads_and_may_answer_in_either_form() {
     assert!(round_trip(Some(true), true).await);
     assert!(round_trip(Some(true), false).await);
+}
+
+#[tokio::test]
+async fn a_frame_that_breaks_websocket_framing_closes_the_tunnel_with_the_reason() {
+    use tokio::io::AsyncWriteExt;
+    let relay = TestRelay::start().await;
+    let (mut ws, _) = open(&relay, "unmasked", Some(true)).await;
+    // A client must mask every frame (RFC 6455 §5.3): this one is not.
+    ws.get_mut()
+        .write_all(&[0x82, 0x03, 1, 2, 3])
+        .await
+        .unwrap();
+    match next(&mut ws).await {
+        Message::Close(Some(close)) => assert!(
+            close.reason.contains("unmasked"),
+            "the reason names the fault: {}",
+            close.reason
+        ),
+        other => panic!("expected a close, got {other:?}"),
+    }
+    // The relay carries on: another tunnel for the same session is welcomed.
+    let (_again, _) = open(&relay, "unmasked", Some(true)).await;
+    let (status, _, _) = send(
+        Method::GET,
+        &format!("http://{}/_ferry/health", relay.addr),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
 }
