@@ -15,6 +15,7 @@
 mod body;
 mod connection;
 mod io;
+mod opcode;
 mod reader;
 mod stream;
 mod writer;

@@ -15,6 +15,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::AsyncRead;
 
 use crate::io::Side;
+use crate::opcode;
 use crate::writer::apply_mask;
 
 /// Room asked for a read at first, and again once reads come back small: all an idle tunnel
@@ -27,13 +28,6 @@ const MAX_READ: usize = 64 * 1024;
 
 /// An empty buffer with more room than this is dropped once reads are small again.
 const KEEP_CAPACITY: usize = 16 * 1024;
-
-const OP_CONTINUATION: u8 = 0x0;
-const OP_TEXT: u8 = 0x1;
-const OP_BINARY: u8 = 0x2;
-const OP_CLOSE: u8 = 0x8;
-const OP_PING: u8 = 0x9;
-const OP_PONG: u8 = 0xA;
 
 /// One message from the peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,13 +174,13 @@ impl FrameReader {
             ));
         }
         let fin = first & 0x80 != 0;
-        let opcode = first & 0x0F;
-        match opcode {
-            OP_CONTINUATION | OP_TEXT | OP_BINARY => {}
-            OP_CLOSE | OP_PING | OP_PONG if !fin => {
+        let code = first & 0x0F;
+        match code {
+            opcode::CONTINUATION | opcode::TEXT | opcode::BINARY => {}
+            opcode::CLOSE | opcode::PING | opcode::PONG if !fin => {
                 return Err(ReadError::Protocol("a control frame in fragments"));
             }
-            OP_CLOSE | OP_PING | OP_PONG => {}
+            opcode::CLOSE | opcode::PING | opcode::PONG => {}
             _ => return Err(ReadError::Protocol("unknown opcode")),
         }
         let masked = second & 0x80 != 0;
@@ -214,7 +208,7 @@ impl FrameReader {
             }
             short => (u64::from(short), 2),
         };
-        if opcode >= OP_CLOSE && len > 125 {
+        if code >= opcode::CLOSE && len > 125 {
             return Err(ReadError::Protocol("a control frame longer than 125 bytes"));
         }
         if len > self.max_message as u64 {
@@ -246,7 +240,7 @@ impl FrameReader {
         }
         Ok(Some(Frame {
             fin,
-            opcode,
+            opcode: code,
             payload,
         }))
     }
@@ -254,11 +248,11 @@ impl FrameReader {
     /// Turns a frame into a message, or keeps it as part of one.
     fn assemble(&mut self, frame: Frame) -> Result<Option<WsMessage>, ReadError> {
         match frame.opcode {
-            OP_CLOSE => close_message(&frame.payload).map(Some),
-            OP_PING => Ok(Some(WsMessage::Ping)),
-            OP_PONG => Ok(Some(WsMessage::Pong)),
-            OP_CONTINUATION => {
-                let Some((opcode, mut data)) = self.partial.take() else {
+            opcode::CLOSE => close_message(&frame.payload).map(Some),
+            opcode::PING => Ok(Some(WsMessage::Ping)),
+            opcode::PONG => Ok(Some(WsMessage::Pong)),
+            opcode::CONTINUATION => {
+                let Some((code, mut data)) = self.partial.take() else {
                     return Err(ReadError::Protocol(
                         "a continuation frame with no message to continue",
                     ));
@@ -272,22 +266,22 @@ impl FrameReader {
                 }
                 data.extend_from_slice(&frame.payload);
                 if frame.fin {
-                    Ok(Some(data_message(opcode, data.freeze())))
+                    Ok(Some(data_message(code, data.freeze())))
                 } else {
-                    self.partial = Some((opcode, data));
+                    self.partial = Some((code, data));
                     Ok(None)
                 }
             }
-            opcode => {
+            code => {
                 if self.partial.is_some() {
                     return Err(ReadError::Protocol(
                         "a new message began inside one in fragments",
                     ));
                 }
                 if frame.fin {
-                    Ok(Some(data_message(opcode, frame.payload.freeze())))
+                    Ok(Some(data_message(code, frame.payload.freeze())))
                 } else {
-                    self.partial = Some((opcode, frame.payload));
+                    self.partial = Some((code, frame.payload));
                     Ok(None)
                 }
             }
@@ -295,8 +289,8 @@ impl FrameReader {
     }
 }
 
-fn data_message(opcode: u8, payload: Bytes) -> WsMessage {
-    if opcode == OP_TEXT {
+fn data_message(code: u8, payload: Bytes) -> WsMessage {
+    if code == opcode::TEXT {
         WsMessage::Text(payload)
     } else {
         WsMessage::Binary(payload)

@@ -16,6 +16,7 @@ use ferry_protocol::DataFrame;
 use tokio::io::AsyncWrite;
 
 use crate::io::Side;
+use crate::opcode;
 
 /// Pieces up to this size are copied into the gather buffer rather than written from where they
 /// are: a slice of its own costs more than the copy.
@@ -27,11 +28,6 @@ const MAX_SLICES: usize = 64;
 /// A gather buffer grown past this by a burst is given back once written, so that an idle
 /// connection holds no large buffer.
 const KEEP_CAPACITY: usize = 64 * 1024;
-
-const OP_TEXT: u8 = 0x1;
-const OP_BINARY: u8 = 0x2;
-const OP_CLOSE: u8 = 0x8;
-const OP_PING: u8 = 0x9;
 
 /// Close code 1000: normal closure.
 const CLOSE_NORMAL: u16 = 1000;
@@ -83,23 +79,27 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub(crate) fn queue(&mut self, msg: Outgoing) {
         match msg {
             Outgoing::Text(text) if text.len() <= GATHER_MAX => {
-                self.frame(OP_TEXT, text.as_bytes(), None);
+                self.frame(opcode::TEXT, text.as_bytes(), None);
             }
-            Outgoing::Text(text) => self.frame(OP_TEXT, &[], Some(Bytes::from(text))),
-            Outgoing::Binary(bytes) => self.frame(OP_BINARY, &[], Some(bytes)),
+            Outgoing::Text(text) => self.frame(opcode::TEXT, &[], Some(Bytes::from(text))),
+            Outgoing::Binary(bytes) => self.frame(opcode::BINARY, &[], Some(bytes)),
             Outgoing::Data {
                 stream,
                 end,
                 payload,
             } => {
-                self.frame(OP_BINARY, &DataFrame::header(stream, end), Some(payload));
+                self.frame(
+                    opcode::BINARY,
+                    &DataFrame::header(stream, end),
+                    Some(payload),
+                );
             }
         }
     }
 
     /// Encodes a ping.
     pub(crate) fn queue_ping(&mut self) {
-        self.frame(OP_PING, &[], None);
+        self.frame(opcode::PING, &[], None);
     }
 
     /// Encodes a normal close with `reason` (at most 123 bytes; longer is cut).
@@ -111,7 +111,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         let mut payload = BytesMut::with_capacity(2 + end);
         payload.put_u16(CLOSE_NORMAL);
         payload.put_slice(&reason.as_bytes()[..end]);
-        self.frame(OP_CLOSE, &payload, None);
+        self.frame(opcode::CLOSE, &payload, None);
     }
 
     /// Encodes one frame whose payload is `head` (small: always gathered) then `body`.

@@ -157,12 +157,12 @@ fn reads_what_the_frame_writer_writes_from_either_side() {
 
 #[test]
 fn every_split_of_the_input_gives_the_same_messages() {
-    let mut data = frame(true, OP_TEXT, b"hello", Some(KEY));
-    data.extend(frame(true, OP_BINARY, &[9u8; 300], Some(KEY)));
-    data.extend(frame(false, OP_BINARY, b"frag", Some(KEY)));
-    data.extend(frame(true, OP_PING, b"p", Some(KEY)));
-    data.extend(frame(true, OP_CONTINUATION, b"ment", Some(KEY)));
-    data.extend(frame(true, OP_CLOSE, &[0x03, 0xe8], Some(KEY)));
+    let mut data = frame(true, opcode::TEXT, b"hello", Some(KEY));
+    data.extend(frame(true, opcode::BINARY, &[9u8; 300], Some(KEY)));
+    data.extend(frame(false, opcode::BINARY, b"frag", Some(KEY)));
+    data.extend(frame(true, opcode::PING, b"p", Some(KEY)));
+    data.extend(frame(true, opcode::CONTINUATION, b"ment", Some(KEY)));
+    data.extend(frame(true, opcode::CLOSE, &[0x03, 0xe8], Some(KEY)));
     let expected = vec![
         WsMessage::Text(Bytes::from_static(b"hello")),
         WsMessage::Binary(Bytes::from(vec![9u8; 300])),
@@ -183,8 +183,8 @@ fn every_split_of_the_input_gives_the_same_messages() {
 #[test]
 fn a_large_frame_arrives_in_few_reads_and_its_buffer_is_given_back() {
     let payload = vec![5u8; 512 * 1024];
-    let mut data = frame(true, OP_BINARY, &payload, None);
-    data.extend(frame(true, OP_PONG, b"", None));
+    let mut data = frame(true, opcode::BINARY, &payload, None);
+    data.extend(frame(true, opcode::PONG, b"", None));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
@@ -205,18 +205,18 @@ fn a_large_frame_arrives_in_few_reads_and_its_buffer_is_given_back() {
 #[test]
 fn frames_with_the_wrong_masking_are_refused() {
     assert_eq!(
-        protocol_error(frame(true, OP_TEXT, b"x", None), Side::Server),
+        protocol_error(frame(true, opcode::TEXT, b"x", None), Side::Server),
         "a client's frame is unmasked"
     );
     assert_eq!(
-        protocol_error(frame(true, OP_TEXT, b"x", Some(KEY)), Side::Client),
+        protocol_error(frame(true, opcode::TEXT, b"x", Some(KEY)), Side::Client),
         "a server's frame is masked"
     );
 }
 
 #[test]
 fn malformed_frames_are_refused() {
-    let mut reserved = frame(true, OP_TEXT, b"x", None);
+    let mut reserved = frame(true, opcode::TEXT, b"x", None);
     reserved[0] |= 0x40;
     assert_eq!(
         protocol_error(reserved, Side::Client),
@@ -231,29 +231,32 @@ fn malformed_frames_are_refused() {
         "unknown opcode"
     );
     assert_eq!(
-        protocol_error(frame(false, OP_PING, b"x", None), Side::Client),
+        protocol_error(frame(false, opcode::PING, b"x", None), Side::Client),
         "a control frame in fragments"
     );
     assert_eq!(
-        protocol_error(frame(true, OP_PING, &[0u8; 126], None), Side::Client),
+        protocol_error(frame(true, opcode::PING, &[0u8; 126], None), Side::Client),
         "a control frame longer than 125 bytes"
     );
     assert_eq!(
-        protocol_error(frame(true, OP_CONTINUATION, b"x", None), Side::Client),
+        protocol_error(frame(true, opcode::CONTINUATION, b"x", None), Side::Client),
         "a continuation frame with no message to continue"
     );
-    let mut two_starts = frame(false, OP_TEXT, b"a", None);
-    two_starts.extend(frame(true, OP_TEXT, b"b", None));
+    let mut two_starts = frame(false, opcode::TEXT, b"a", None);
+    two_starts.extend(frame(true, opcode::TEXT, b"b", None));
     assert_eq!(
         protocol_error(two_starts, Side::Client),
         "a new message began inside one in fragments"
     );
     assert_eq!(
-        protocol_error(frame(true, OP_CLOSE, &[3], None), Side::Client),
+        protocol_error(frame(true, opcode::CLOSE, &[3], None), Side::Client),
         "a close frame of one byte"
     );
     assert_eq!(
-        protocol_error(frame(true, OP_CLOSE, &[3, 232, 0xff], None), Side::Client),
+        protocol_error(
+            frame(true, opcode::CLOSE, &[3, 232, 0xff], None),
+            Side::Client
+        ),
         "a close reason that is not UTF-8"
     );
 }
@@ -280,8 +283,8 @@ fn a_frame_over_the_limit_is_refused_before_its_payload_is_read() {
 #[test]
 fn a_message_in_fragments_over_the_limit_is_refused() {
     let piece = vec![1u8; LIMIT / 2 + 1];
-    let mut data = frame(false, OP_BINARY, &piece, None);
-    data.extend(frame(true, OP_CONTINUATION, &piece, None));
+    let mut data = frame(false, opcode::BINARY, &piece, None);
+    data.extend(frame(true, opcode::CONTINUATION, &piece, None));
     assert!(matches!(
         read_all(data, Side::Client, usize::MAX).1,
         Err(ReadError::TooLarge { .. })
@@ -291,7 +294,7 @@ fn a_message_in_fragments_over_the_limit_is_refused() {
 #[test]
 fn the_end_of_the_connection_is_clean_only_between_messages() {
     assert!(read_all(Vec::new(), Side::Client, 1).1.is_ok());
-    let whole = frame(true, OP_BINARY, b"abcdef", None);
+    let whole = frame(true, opcode::BINARY, b"abcdef", None);
     for cut in 1..whole.len() {
         assert!(
             matches!(
@@ -301,7 +304,7 @@ fn the_end_of_the_connection_is_clean_only_between_messages() {
             "cut at {cut}"
         );
     }
-    let unfinished = frame(false, OP_BINARY, b"abc", None);
+    let unfinished = frame(false, opcode::BINARY, b"abc", None);
     assert!(matches!(
         read_all(unfinished, Side::Client, usize::MAX).1,
         Err(ReadError::Truncated)
@@ -310,7 +313,11 @@ fn the_end_of_the_connection_is_clean_only_between_messages() {
 
 #[test]
 fn text_that_is_not_utf8_is_read_but_has_no_text() {
-    let (messages, end) = read_all(frame(true, OP_TEXT, &[0xff, 0xfe], None), Side::Client, 9);
+    let (messages, end) = read_all(
+        frame(true, opcode::TEXT, &[0xff, 0xfe], None),
+        Side::Client,
+        9,
+    );
     end.unwrap();
     assert_eq!(messages.len(), 1);
     assert_eq!(messages[0].as_text(), None);
@@ -325,7 +332,7 @@ proptest! {
 
     #[test]
     fn masked_payloads_come_back_as_sent(payload in proptest::collection::vec(any::<u8>(), 0..70_000), key in any::<[u8; 4]>()) {
-        let (messages, end) = read_all(frame(true, OP_BINARY, &payload, Some(key)), Side::Server, usize::MAX);
+        let (messages, end) = read_all(frame(true, opcode::BINARY, &payload, Some(key)), Side::Server, usize::MAX);
         prop_assert!(end.is_ok());
         prop_assert_eq!(messages, vec![WsMessage::Binary(Bytes::from(payload))]);
     }
@@ -335,7 +342,12 @@ proptest! {
 fn reads_grow_while_a_burst_fills_them_and_shrink_back_when_idle() {
     let mut burst = Vec::new();
     for i in 0..3000u32 {
-        burst.extend(frame(true, OP_BINARY, &i.to_be_bytes().repeat(15), None));
+        burst.extend(frame(
+            true,
+            opcode::BINARY,
+            &i.to_be_bytes().repeat(15),
+            None,
+        ));
     }
     let burst_len = burst.len();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -356,7 +368,7 @@ fn reads_grow_while_a_burst_fills_them_and_shrink_back_when_idle() {
         assert_eq!(reader.read_size, MAX_READ);
         let mut quiet = Vec::new();
         for _ in 0..10 {
-            quiet.extend(frame(true, OP_PING, b"", None));
+            quiet.extend(frame(true, opcode::PING, b"", None));
         }
         let mut io = Trickle::new(quiet, 2);
         for _ in 0..10 {
