@@ -46,9 +46,10 @@ impl<S> Inner<S> {
 }
 
 /// A connection's stream, to be wrapped in a `WebSocketStream` and then given to
-/// [`Mux`](crate::Mux). Reads and writes pass through until the multiplexer starts; after that,
-/// writes through this handle are discarded (the multiplexer's writer sends every frame, pings'
-/// answers included: a peer's liveness is judged on anything received, never on pongs).
+/// [`Mux`](crate::Mux). Reads pass through for tungstenite's opening handshake; every message
+/// after it is read with [`MuxIo::read_message`]. Writes pass through until the multiplexer
+/// starts; after that, writes through this handle are discarded (the multiplexer's writer sends
+/// every frame; nobody answers pings: a peer's liveness is judged on anything received).
 pub struct MuxIo<S> {
     inner: Arc<Inner<S>>,
     reader: FrameReader,
@@ -114,7 +115,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for MuxIo<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner.lock()).poll_read(cx, buf)
+        Pin::new(&mut SharedRead(&self.inner)).poll_read(cx, buf)
     }
 }
 

@@ -36,8 +36,8 @@ pub(crate) fn websocket_config() -> WebSocketConfig {
         .read_buffer_size(1024)
         .write_buffer_size(64 * 1024)
         .max_write_buffer_size(4 * 1024 * 1024)
-        .max_message_size(Some(ferry_protocol::MAX_CONTROL_LEN + 1024))
-        .max_frame_size(Some(ferry_protocol::MAX_CONTROL_LEN + 1024))
+        .max_message_size(Some(ferry_mux::MAX_MESSAGE))
+        .max_frame_size(Some(ferry_mux::MAX_MESSAGE))
 }
 
 /// Handles `GET /_ferry/v1/connect`.
