@@ -10,7 +10,6 @@ use futures_util::SinkExt;
 use http::{header, HeaderValue};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -48,18 +47,6 @@ pub(crate) struct Welcome {
     pub(crate) send_window: u32,
     /// Whether heads and window updates go both ways in binary form (the relay agreed).
     pub(crate) binary_control: bool,
-}
-
-/// WebSocket settings: frames sized to our chunks. tungstenite does the opening handshake and
-/// writes the hello; every message is read by [`MuxIo::read_message`], so tungstenite's read
-/// buffer is kept at its smallest.
-pub(crate) fn websocket_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(1024)
-        .write_buffer_size(64 * 1024)
-        .max_write_buffer_size(4 * 1024 * 1024)
-        .max_message_size(Some(ferry_mux::MAX_MESSAGE))
-        .max_frame_size(Some(ferry_mux::MAX_MESSAGE))
 }
 
 /// The WebSocket URL of the relay's tunnel endpoint, from the URL the user gave.
@@ -110,7 +97,7 @@ pub(crate) async fn connect(
         tokio_tungstenite::client_async_with_config(
             request,
             MuxIo::new(stream, Side::Client),
-            Some(websocket_config()),
+            Some(ferry_mux::websocket_config()),
         )
         .await
         .map_err(classify)

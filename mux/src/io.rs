@@ -13,12 +13,25 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::reader::{FrameReader, ReadError, WsMessage};
 
 /// Largest WebSocket message (and frame) read: a control message at its limit, with room to
 /// spare; data frames are far smaller.
 pub const MAX_MESSAGE: usize = ferry_protocol::MAX_CONTROL_LEN + 1024;
+
+/// tungstenite's settings for a tunnel, on either side. tungstenite does the opening handshake
+/// and writes what goes out before the multiplexer starts (a hello, or a refusal); every message
+/// is read by [`MuxIo::read_message`], so its read buffer is kept at its smallest.
+pub fn websocket_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(1024)
+        .write_buffer_size(64 * 1024)
+        .max_write_buffer_size(4 * 1024 * 1024)
+        .max_message_size(Some(MAX_MESSAGE))
+        .max_frame_size(Some(MAX_MESSAGE))
+}
 
 /// Which end of the WebSocket this is: a client masks what it sends (RFC 6455 §5.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -24,7 +24,7 @@ pub use body::{BodyError, BodyTap, TunnelBody};
 pub use connection::{
     ControlHandler, Mux, MuxConfig, MuxHandle, MuxStats, PendingMux, MAX_STREAMS,
 };
-pub use io::{MuxIo, Side, MAX_MESSAGE};
+pub use io::{websocket_config, MuxIo, Side, MAX_MESSAGE};
 pub use reader::{ReadError, WsMessage};
 pub use stream::{EncodedControl, PumpError, StreamGuard, StreamSender};
 

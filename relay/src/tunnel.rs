@@ -15,7 +15,7 @@ use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tracing::{info, warn, Instrument};
@@ -27,18 +27,6 @@ use crate::Relay;
 
 /// How long a client has to send its hello after the upgrade.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// WebSocket limits: frames carry at most one body chunk or one control message. tungstenite
-/// only writes here (a refusal before the mux starts); every message is read by
-/// [`MuxIo::read_message`], so tungstenite's read buffer is kept at its smallest.
-pub(crate) fn websocket_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(1024)
-        .write_buffer_size(64 * 1024)
-        .max_write_buffer_size(4 * 1024 * 1024)
-        .max_message_size(Some(ferry_mux::MAX_MESSAGE))
-        .max_frame_size(Some(ferry_mux::MAX_MESSAGE))
-}
 
 /// Handles `GET /_ferry/v1/connect`.
 pub(crate) fn connect(relay: &Arc<Relay>, mut req: Request<Incoming>) -> Response<RelayBody> {
@@ -111,7 +99,7 @@ pub(crate) fn connect(relay: &Arc<Relay>, mut req: Request<Incoming>) -> Respons
                 let ws = WebSocketStream::from_raw_socket(
                     MuxIo::new(TokioIo::new(upgraded), Side::Server),
                     Role::Server,
-                    Some(websocket_config()),
+                    Some(ferry_mux::websocket_config()),
                 )
                 .await;
                 serve(relay, owner, ws).await;
