@@ -31,6 +31,7 @@ mod config;
 mod delivery;
 pub use delivery::{DELIVERY_AGE_HEADER, DELIVERY_ID_HEADER};
 mod headers;
+mod http1;
 mod public;
 mod record;
 pub mod registry;
@@ -61,6 +62,27 @@ pub struct Relay {
 }
 
 impl Relay {
+    /// The relay's state for `config`, with `registry`'s sessions (its history recorder, if any,
+    /// starts writing now).
+    fn new(config: RelayConfig, registry: Registry) -> Relay {
+        Relay {
+            tokens: TokenSet::new(&config.tokens),
+            registry,
+            shutdown: CancellationToken::new(),
+            recorder: config
+                .store
+                .clone()
+                .map(|store| record::Recorder::start(store, config.record_buffer)),
+            queue_memory: Arc::new(tokio::sync::Semaphore::new(
+                config
+                    .queue_memory
+                    .max(usize::try_from(config.max_body).unwrap_or(usize::MAX))
+                    .min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
+            config,
+        }
+    }
+
     /// The sessions.
     pub fn registry(&self) -> &Registry {
         &self.registry
@@ -98,22 +120,7 @@ pub async fn run(
             }
         }
     }
-    let relay = Arc::new(Relay {
-        tokens: TokenSet::new(&config.tokens),
-        registry,
-        shutdown: CancellationToken::new(),
-        recorder: config
-            .store
-            .clone()
-            .map(|store| record::Recorder::start(store, config.record_buffer)),
-        queue_memory: Arc::new(tokio::sync::Semaphore::new(
-            config
-                .queue_memory
-                .max(usize::try_from(config.max_body).unwrap_or(usize::MAX))
-                .min(tokio::sync::Semaphore::MAX_PERMITS),
-        )),
-        config,
-    });
+    let relay = Arc::new(Relay::new(config, registry));
     if let Some(store) = relay.config.store.clone() {
         tokio::spawn(prune(
             store,
@@ -129,8 +136,8 @@ pub async fn run(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10))
-        .max_buf_size(64 * 1024);
+        .header_read_timeout(http1::HEAD_TIMEOUT)
+        .max_buf_size(http1::MAX_HEAD);
     builder.http2().max_concurrent_streams(100);
     let builder = Arc::new(builder);
     let tls = relay
@@ -162,22 +169,10 @@ pub async fn run(
         let tls = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let service = service_fn(move |req| {
-                let relay = relay.clone();
-                async move { Ok::<_, Infallible>(route(relay, req, peer).await) }
-            });
             let result = match tls {
-                None => {
-                    let conn =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    watcher.watch(conn.into_owned()).await
-                }
+                None => serve_connection(stream, relay, peer, &builder, watcher).await,
                 Some(tls) => match tls.accept(stream).await {
-                    Ok(stream) => {
-                        let conn =
-                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                        watcher.watch(conn.into_owned()).await
-                    }
+                    Ok(stream) => serve_connection(stream, relay, peer, &builder, watcher).await,
                     Err(err) => {
                         debug!(%peer, %err, "TLS handshake failed");
                         return;
@@ -205,6 +200,30 @@ pub async fn run(
     }
     info!("relay stopped");
     Ok(())
+}
+
+/// Serves one connection: plain webhooks by the relay's own HTTP/1 path, the rest (from the
+/// first request that is not one) by hyper. `watcher` keeps a graceful shutdown waiting for it.
+async fn serve_connection<S>(
+    io: S,
+    relay: Arc<Relay>,
+    peer: SocketAddr,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let io = match http1::serve(io, &relay, peer).await {
+        http1::Served::Closed => return Ok(()),
+        http1::Served::Handoff(io) => io,
+    };
+    let service = service_fn(move |req| {
+        let relay = relay.clone();
+        async move { Ok::<_, Infallible>(route(relay, req, peer).await) }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    watcher.watch(conn.into_owned()).await
 }
 
 /// Prunes old history every `interval` until `stop`.
@@ -261,6 +280,11 @@ async fn route(relay: Arc<Relay>, req: Request<Incoming>, peer: SocketAddr) -> R
             "no such relay endpoint under /_ferry/",
         )
     } else {
-        Box::pin(public::forward(relay, req, peer)).await
+        Box::pin(public::forward(
+            relay,
+            req.map(http1::CallerBody::Streaming),
+            peer,
+        ))
+        .await
     }
 }

@@ -10,7 +10,6 @@ use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode, Versi
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
 use http_body_util::Either;
-use hyper::body::Incoming;
 use tracing::{debug, warn};
 
 use crate::delivery::Enqueuing;
@@ -19,6 +18,7 @@ use crate::registry::{Live, Session};
 use crate::store::{now_ms, NewRequest, OfflinePolicy, RequestState, RespondMode};
 
 use crate::headers::{request_headers, to_header_map, Forwarded};
+use crate::http1::CallerBody;
 use crate::reply::{self, RelayBody};
 use crate::Relay;
 
@@ -52,7 +52,7 @@ fn protocol_version(version: Version) -> HttpVersion {
 /// Handles a request for a session URL.
 pub(crate) async fn forward(
     relay: Arc<Relay>,
-    req: Request<Incoming>,
+    req: Request<CallerBody>,
     peer: SocketAddr,
 ) -> Response<RelayBody> {
     let (parts, body) = req.into_parts();
@@ -153,7 +153,7 @@ async fn pass(
     session: Arc<Session>,
     live: Live,
     parts: http::request::Parts,
-    body: Incoming,
+    body: CallerBody,
     peer: SocketAddr,
     target: String,
 ) -> Response<RelayBody> {
@@ -331,7 +331,7 @@ async fn enqueue(
     relay: &Arc<Relay>,
     session: &Arc<Session>,
     parts: &http::request::Parts,
-    body: Incoming,
+    body: CallerBody,
     peer: SocketAddr,
     target: &str,
     enqueuing: Enqueuing,

@@ -1,0 +1,118 @@
+//! The relay's own HTTP/1.1 server for the requests it sees most: a plain webhook to a session
+//! URL, its head and a body of known, modest length. Everything else on a connection (HTTP/2,
+//! upgrades, `Expect`, HTTP/1.0, chunked or long bodies, the relay's API, malformed input) is
+//! handed to hyper with the bytes read so far, and hyper serves the connection from then on;
+//! so hyper still answers every refusal of bad input.
+//!
+//! Why: hyper's general machinery (its dispatcher, buffers and encoder) was about a fifth of
+//! the relay's instructions per webhook (docs/BENCHMARKS.md, finding 34). Here one task reads a
+//! request whole, awaits the public handler while watching for the caller hanging up, writes
+//! the answer (head and first piece of body in one write) and reads the next.
+
+mod body;
+mod date;
+mod request;
+mod response;
+mod rewind;
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::time::Instant;
+
+pub(crate) use body::CallerBody;
+pub(crate) use rewind::Rewind;
+
+use request::{take_request, Taken};
+
+use crate::Relay;
+
+/// How long a caller has to send a request's head, counted from when the connection became
+/// ready for it (hyper's `header_read_timeout`, the same value).
+pub(crate) const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest head read (hyper's `max_buf_size`, the same value: a longer head is handed to it,
+/// and it answers `431`).
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
+
+/// First size of a connection's read buffer (hyper's too).
+const INITIAL_BUFFER: usize = 8 * 1024;
+
+/// What became of a connection.
+pub(crate) enum Served<S> {
+    /// It is finished: closed by either side, timed out, or the relay is shutting down.
+    Closed,
+    /// hyper is to serve it from here, reading what was read already first.
+    Handoff(Rewind<S>),
+}
+
+/// Serves plain requests on `io` until the connection ends or carries something for hyper.
+pub(crate) async fn serve<S>(mut io: S, relay: &Arc<Relay>, peer: SocketAddr) -> Served<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::new();
+    let head_deadline = tokio::time::sleep(HEAD_TIMEOUT);
+    tokio::pin!(head_deadline);
+    loop {
+        head_deadline.as_mut().reset(Instant::now() + HEAD_TIMEOUT);
+        let plain = loop {
+            let wanted = match take_request(&mut buf) {
+                Taken::Request(plain) => break plain,
+                Taken::Handoff => return Served::Handoff(Rewind::new(io, buf.freeze())),
+                Taken::Head if buf.len() >= MAX_HEAD => {
+                    return Served::Handoff(Rewind::new(io, buf.freeze()))
+                }
+                Taken::Head => None,
+                Taken::Body { total } => Some(total),
+            };
+            match wanted {
+                Some(total) => buf.reserve(total - buf.len()),
+                None if buf.capacity() == 0 => buf.reserve(INITIAL_BUFFER),
+                None => buf.reserve(1024),
+            }
+            let read = tokio::select! {
+                biased;
+                read = io.read_buf(&mut buf) => read,
+                // A head that takes too long ends the connection without an answer, as in hyper.
+                _ = &mut head_deadline, if wanted.is_none() => return Served::Closed,
+                _ = relay.shutdown.cancelled(), if buf.is_empty() => return Served::Closed,
+            };
+            if !matches!(read, Ok(n) if n > 0) {
+                return Served::Closed;
+            }
+        };
+        let method = plain.request.method().clone();
+        let close = plain.close;
+        let answer = crate::public::forward(relay.clone(), plain.request, peer);
+        // Boxed: the handler's state stays out of this connection's future.
+        let mut answer = Box::pin(answer);
+        let response = loop {
+            tokio::select! {
+                biased;
+                response = &mut answer => break response,
+                // A caller that hangs up cancels its exchange, as with hyper. Whatever else it
+                // sends meanwhile waits in the buffer (pipelining), up to a head's worth.
+                read = io.read_buf(&mut buf), if buf.len() < MAX_HEAD => {
+                    if !matches!(read, Ok(n) if n > 0) {
+                        return Served::Closed;
+                    }
+                }
+            }
+        };
+        drop(answer);
+        let close = close || relay.shutdown.is_cancelled();
+        match response::write(&mut io, response, &method, close).await {
+            Ok(true) => {}
+            Ok(false) | Err(_) => {
+                let _ = io.shutdown().await;
+                return Served::Closed;
+            }
+        }
+    }
+}

@@ -1,0 +1,418 @@
+use bytes::{Bytes, BytesMut};
+use http::{Method, Response, StatusCode};
+use http_body_util::BodyExt as _;
+use tokio::io::AsyncReadExt as _;
+
+use super::request::{take_request, Plain, Taken, MAX_HEADERS, MAX_WHOLE_BODY};
+use super::response::{chunk_size_line_for_tests, encode_head, write, Framing};
+use super::Rewind;
+use crate::reply;
+
+fn take(input: &[u8]) -> (Taken, BytesMut) {
+    let mut buf = BytesMut::from(input);
+    let taken = take_request(&mut buf);
+    (taken, buf)
+}
+
+fn plain(input: &[u8]) -> (Plain, BytesMut) {
+    match take(input) {
+        (Taken::Request(plain), rest) => (*plain, rest),
+        (other, _) => panic!("{other:?} for {:?}", String::from_utf8_lossy(input)),
+    }
+}
+
+async fn body_bytes(plain: Plain) -> Bytes {
+    plain
+        .request
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+}
+
+#[tokio::test]
+async fn a_webhook_is_taken_whole_and_what_follows_stays() {
+    let input = b"POST /s1/hook?x=1 HTTP/1.1\r\nHost: relay\r\nX-Sig: t=1,v1=ab\r\n\
+        Content-Length: 5\r\nX-Dup: a\r\nx-raw: \xff\xfe\r\nX-Dup: b\r\n\r\nhelloGET /next";
+    let (plain, rest) = plain(input);
+    assert_eq!(&rest[..], b"GET /next");
+    assert!(!plain.close);
+    let request = &plain.request;
+    assert_eq!(request.method(), Method::POST);
+    assert_eq!(
+        request.uri().path_and_query().unwrap().as_str(),
+        "/s1/hook?x=1"
+    );
+    assert_eq!(request.version(), http::Version::HTTP_11);
+    let headers = request.headers();
+    assert_eq!(headers.len(), 6);
+    assert_eq!(headers["x-sig"], "t=1,v1=ab");
+    assert_eq!(headers["host"], "relay");
+    assert_eq!(headers["x-raw"].as_bytes(), b"\xff\xfe");
+    let dups: Vec<_> = headers.get_all("x-dup").iter().collect();
+    assert_eq!(dups, ["a", "b"]);
+    assert_eq!(body_bytes(plain).await, "hello");
+}
+
+#[tokio::test]
+async fn a_request_without_a_body_has_none() {
+    let (get, rest) = plain(b"GET /s1/ HTTP/1.1\r\nhost: r\r\n\r\n");
+    assert!(rest.is_empty());
+    assert!(http_body::Body::is_end_stream(get.request.body()));
+    let (post, _) = plain(b"POST /s1/ HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
+    assert!(http_body::Body::is_end_stream(post.request.body()));
+}
+
+#[test]
+fn connection_close_is_noticed() {
+    for value in ["close", "Close", "keep-alive, close", " foo ,CLOSE"] {
+        let input = format!("GET /s1/ HTTP/1.1\r\nconnection: {value}\r\n\r\n");
+        assert!(plain(input.as_bytes()).0.close, "{value}");
+    }
+    assert!(
+        !plain(b"GET /s1/ HTTP/1.1\r\nconnection: keep-alive\r\n\r\n")
+            .0
+            .close
+    );
+}
+
+#[test]
+fn a_request_cut_short_waits_for_more() {
+    let whole = b"POST /s1/h HTTP/1.1\r\ncontent-length: 10\r\n\r\n0123456789";
+    let head_len = whole.len() - 10;
+    for cut in 0..whole.len() {
+        let (taken, buf) = take(&whole[..cut]);
+        match taken {
+            Taken::Head => assert!(cut < head_len, "{cut}"),
+            Taken::Body { total } => {
+                assert!(cut >= head_len, "{cut}");
+                assert_eq!(total, whole.len());
+            }
+            other => panic!("{other:?} at {cut}"),
+        }
+        assert_eq!(&buf[..], &whole[..cut], "the buffer is left as it was");
+    }
+}
+
+#[test]
+fn anything_but_a_plain_request_is_handed_to_hyper_untouched() {
+    let long_body = format!(
+        "POST /s1/h HTTP/1.1\r\ncontent-length: {}\r\n\r\n",
+        MAX_WHOLE_BODY + 1
+    );
+    let many_headers = format!(
+        "GET /s1/ HTTP/1.1\r\n{}\r\n",
+        "x-h: 1\r\n".repeat(MAX_HEADERS + 1)
+    );
+    let cases: Vec<&[u8]> = vec![
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        b"GET /s1/ HTTP/1.0\r\n\r\n",
+        b"GET http://relay/s1/ HTTP/1.1\r\n\r\n",
+        b"OPTIONS * HTTP/1.1\r\n\r\n",
+        b"CONNECT relay:443 HTTP/1.1\r\n\r\n",
+        b"GET /_ferry/health HTTP/1.1\r\n\r\n",
+        b"GET /_ferry HTTP/1.1\r\n\r\n",
+        b"POST /_ferry/v1/api/s1/requests HTTP/1.1\r\n\r\n",
+        b"POST /s1/h HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST /s1/h HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 1\r\n\r\n",
+        b"GET /s1/ HTTP/1.1\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+        b"GET /s1/ HTTP/1.1\r\nupgrade: websocket\r\n\r\n",
+        b"POST /s1/h HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 1\r\n\r\na",
+        b"POST /s1/h HTTP/1.1\r\ncontent-length: +1\r\n\r\na",
+        b"POST /s1/h HTTP/1.1\r\ncontent-length: 1, 1\r\n\r\na",
+        b"POST /s1/h HTTP/1.1\r\ncontent-length: 99999999999999999999\r\n\r\n",
+        long_body.as_bytes(),
+        many_headers.as_bytes(),
+        b"GET /s1/ HTTP/1.1\r\nbad header line\r\n\r\n",
+        b"GET /s1/ HTTP/1.1\r\nx-nul: a\0b\r\n\r\n",
+        b"GET /s1/ HTTP/1.1\r\nx-fold: a\r\n b\r\n\r\n",
+        b"G@T /s1/ HTTP/1.1\r\n\r\n",
+        b"NOT HTTP AT ALL\r\n\r\n",
+        b"GET /s1/ HTTP/1.1\r\nconnection: \xff\r\n\r\n",
+    ];
+    for input in cases {
+        let (taken, buf) = take(input);
+        assert!(
+            matches!(taken, Taken::Handoff),
+            "{taken:?} for {:?}",
+            String::from_utf8_lossy(input)
+        );
+        assert_eq!(&buf[..], input, "the buffer is left as it was");
+    }
+}
+
+#[test]
+fn a_target_that_http_refuses_goes_back_into_the_buffer() {
+    // httparse takes `{` in a target; `http`'s URI parser does not.
+    let input = b"POST /s1/{x} HTTP/1.1\r\ncontent-length: 2\r\n\r\nhiGET /s1/ HTTP/1.1\r\n\r\n";
+    let (taken, buf) = take(input);
+    if let Taken::Request(plain) = &taken {
+        // Should `http` ever accept it, it must be exactly the target sent.
+        assert_eq!(plain.request.uri().path(), "/s1/{x}");
+        return;
+    }
+    assert!(matches!(taken, Taken::Handoff), "{taken:?}");
+    assert_eq!(&buf[..], input);
+}
+
+fn head_of(
+    response: &Response<reply::RelayBody>,
+    method: &Method,
+    close: bool,
+) -> (String, Framing) {
+    let mut out = Vec::new();
+    let framing = encode_head(response, method, close, &mut out);
+    (String::from_utf8(out).unwrap(), framing)
+}
+
+/// The head without its `date` line, which is checked separately.
+fn without_date(head: &str) -> String {
+    let date = head
+        .lines()
+        .find(|line| line.starts_with("date: "))
+        .expect("a date header");
+    let value = &date["date: ".len()..];
+    assert!(httpdate::parse_http_date(value).is_ok(), "{value}");
+    head.replace(&format!("{date}\r\n"), "")
+}
+
+#[test]
+fn answers_are_framed_as_hyper_frames_them() {
+    let mut json = reply::json(StatusCode::OK, serde_json::json!({"a": 1}));
+    let (head, framing) = head_of(&json, &Method::POST, false);
+    assert_eq!(
+        without_date(&head),
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 7\r\n\r\n"
+    );
+    assert_eq!(framing, Framing::Length(7));
+    // A length the handler set is sent as set; HEAD sends no body.
+    json.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, "7".parse().unwrap());
+    let (head, framing) = head_of(&json, &Method::HEAD, false);
+    assert_eq!(
+        without_date(&head),
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 7\r\n\r\n"
+    );
+    assert_eq!(framing, Framing::Empty);
+    // No body: an explicit zero, except where a length may not be sent.
+    let mut empty = Response::new(reply::empty());
+    *empty.status_mut() = StatusCode::CREATED;
+    let (head, framing) = head_of(&empty, &Method::POST, true);
+    assert_eq!(
+        without_date(&head),
+        "HTTP/1.1 201 Created\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+    );
+    assert_eq!(framing, Framing::Empty);
+    *empty.status_mut() = StatusCode::NO_CONTENT;
+    let (head, _) = head_of(&empty, &Method::POST, false);
+    assert_eq!(without_date(&head), "HTTP/1.1 204 No Content\r\n\r\n");
+    let mut odd = reply::error(StatusCode::from_u16(599).unwrap(), "e", "d");
+    odd.headers_mut().insert(
+        http::header::DATE,
+        "Sun, 06 Nov 1994 08:49:37 GMT".parse().unwrap(),
+    );
+    let (head, _) = head_of(&odd, &Method::GET, false);
+    assert!(head.starts_with("HTTP/1.1 599 <none>\r\n"), "{head}");
+    assert_eq!(head.matches("date: ").count(), 1, "{head}");
+}
+
+#[tokio::test]
+async fn a_buffered_answer_goes_out_in_one_piece() {
+    let response = reply::json(StatusCode::ACCEPTED, serde_json::json!({"queued": true}));
+    let mut out = Vec::new();
+    assert!(write(&mut out, response, &Method::POST, false)
+        .await
+        .unwrap());
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.starts_with("HTTP/1.1 202 Accepted\r\n"), "{text}");
+    assert!(text.ends_with("\r\n\r\n{\"queued\":true}"), "{text}");
+    let mut out = Vec::new();
+    let response = reply::json(StatusCode::OK, serde_json::json!({}));
+    assert!(!write(&mut out, response, &Method::HEAD, true)
+        .await
+        .unwrap());
+    assert!(String::from_utf8(out).unwrap().ends_with("\r\n\r\n"));
+}
+
+#[test]
+fn chunk_sizes_are_hex() {
+    assert_eq!(chunk_size_line_for_tests(0), b"0\r\n");
+    assert_eq!(chunk_size_line_for_tests(0x1a2b), b"1A2B\r\n");
+    assert_eq!(
+        chunk_size_line_for_tests(usize::MAX),
+        format!("{:X}\r\n", usize::MAX).as_bytes()
+    );
+}
+
+#[tokio::test]
+async fn a_rewound_connection_reads_what_was_put_back_first() {
+    let (mut near, far) = tokio::io::duplex(64);
+    let mut rewound = Rewind::new(far, Bytes::from_static(b"put back, "));
+    tokio::io::AsyncWriteExt::write_all(&mut near, b"then the rest")
+        .await
+        .unwrap();
+    drop(near);
+    let mut all = String::new();
+    rewound.read_to_string(&mut all).await.unwrap();
+    assert_eq!(all, "put back, then the rest");
+}
+
+mod serving {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
+
+    use super::super::{serve, Served};
+    use crate::registry::Registry;
+    use crate::{Relay, RelayConfig};
+
+    const PEER: SocketAddr =
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9);
+
+    fn relay() -> Arc<Relay> {
+        let config = RelayConfig::new("http://relay.test", vec!["token".into()]);
+        Arc::new(Relay::new(config, Registry::new(10)))
+    }
+
+    /// Serves the far end of a new in-memory connection; returns the near end.
+    fn connect(
+        relay: &Arc<Relay>,
+    ) -> (DuplexStream, tokio::task::JoinHandle<Served<DuplexStream>>) {
+        let (near, far) = tokio::io::duplex(64 * 1024);
+        let relay = relay.clone();
+        (
+            near,
+            tokio::spawn(async move { serve(far, &relay, PEER).await }),
+        )
+    }
+
+    /// Reads one answer with a `content-length` off `near`: its head and body as text.
+    async fn answer(near: &mut DuplexStream, pending: &mut Vec<u8>) -> (String, String) {
+        loop {
+            if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8(pending[..end + 4].to_vec()).unwrap();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .expect("a content-length")
+                    .parse()
+                    .unwrap();
+                if pending.len() >= end + 4 + length {
+                    let body = String::from_utf8(pending[end + 4..end + 4 + length].to_vec());
+                    pending.drain(..end + 4 + length);
+                    return (head, body.unwrap());
+                }
+            }
+            let mut buf = [0u8; 4096];
+            let n = near.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the connection closed mid-answer: {pending:?}");
+            pending.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    fn handed_off(served: Served<DuplexStream>) -> bytes::Bytes {
+        match served {
+            Served::Handoff(rewind) => rewind.prefix().clone(),
+            Served::Closed => panic!("closed, not handed to hyper"),
+        }
+    }
+
+    #[tokio::test]
+    async fn plain_requests_are_answered_here_in_order_on_one_connection() {
+        let relay = relay();
+        let (mut near, served) = connect(&relay);
+        near.write_all(
+            b"GET /first/a HTTP/1.1\r\nhost: r\r\n\r\n\
+              POST /second/b HTTP/1.1\r\nhost: r\r\ncontent-length: 3\r\n\r\nabc",
+        )
+        .await
+        .unwrap();
+        let mut pending = Vec::new();
+        for session in ["first", "second"] {
+            let (head, body) = answer(&mut near, &mut pending).await;
+            assert!(head.starts_with("HTTP/1.1 404 Not Found\r\n"), "{head}");
+            assert!(!head.contains("connection: close"), "{head}");
+            assert!(body.contains(&format!("no session '{session}'")), "{body}");
+        }
+        near.write_all(b"DELETE /third HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let (_, body) = answer(&mut near, &mut pending).await;
+        assert!(body.contains("no session 'third'"), "{body}");
+        drop(near);
+        assert!(matches!(served.await.unwrap(), Served::Closed));
+    }
+
+    #[tokio::test]
+    async fn the_first_request_that_is_not_plain_goes_to_hyper_with_what_follows() {
+        let relay = relay();
+        let (mut near, served) = connect(&relay);
+        let health = b"GET /_ferry/health HTTP/1.1\r\nhost: r\r\n\r\nGET /s/ HTTP/1.1\r\n\r\n";
+        let mut input = b"GET /plain/ HTTP/1.1\r\nhost: r\r\n\r\n".to_vec();
+        input.extend_from_slice(health);
+        near.write_all(&input).await.unwrap();
+        let (head, _) = answer(&mut near, &mut Vec::new()).await;
+        assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+        assert_eq!(&handed_off(served.await.unwrap())[..], health);
+
+        let (mut near, served) = connect(&relay);
+        let chunked =
+            b"POST /s/h HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+        near.write_all(chunked).await.unwrap();
+        assert_eq!(&handed_off(served.await.unwrap())[..], chunked);
+    }
+
+    #[tokio::test]
+    async fn connection_close_is_answered_and_honoured() {
+        let relay = relay();
+        let (mut near, served) = connect(&relay);
+        near.write_all(
+            b"GET /s/ HTTP/1.1\r\nconnection: close\r\n\r\nGET /ignored/ HTTP/1.1\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut rest = Vec::new();
+        let (head, _) = answer(&mut near, &mut rest).await;
+        assert!(head.contains("\r\nconnection: close\r\n"), "{head}");
+        assert!(matches!(served.await.unwrap(), Served::Closed));
+        near.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "nothing after the answer: {rest:?}");
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_closes_when_the_relay_shuts_down() {
+        let relay = relay();
+        let (mut near, served) = connect(&relay);
+        near.write_all(b"GET /s/ HTTP/1.1\r\n\r\n").await.unwrap();
+        answer(&mut near, &mut Vec::new()).await;
+        relay.shutdown.cancel();
+        assert!(matches!(served.await.unwrap(), Served::Closed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_that_never_ends_times_out_without_an_answer() {
+        let relay = relay();
+        let (mut near, served) = connect(&relay);
+        near.write_all(b"GET /s/ HTTP/1.1\r\nhost: r")
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        assert!(matches!(served.await.unwrap(), Served::Closed));
+        assert!(started.elapsed() >= super::super::HEAD_TIMEOUT);
+        let mut rest = Vec::new();
+        near.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "{rest:?}");
+    }
+
+    #[tokio::test]
+    async fn a_head_longer_than_the_limit_goes_to_hyper() {
+        let relay = relay();
+        let (mut near, served) = connect(&relay);
+        let mut input = b"GET /s/ HTTP/1.1\r\nx-big: ".to_vec();
+        input.resize(super::super::MAX_HEAD + 10, b'a');
+        near.write_all(&input).await.unwrap();
+        assert!(handed_off(served.await.unwrap()).len() >= super::super::MAX_HEAD);
+    }
+}
