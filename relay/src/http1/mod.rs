@@ -57,12 +57,14 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut buf = BytesMut::new();
+    let mut spans = Vec::new();
+    let mut head = Vec::new();
     let head_deadline = tokio::time::sleep(HEAD_TIMEOUT);
     tokio::pin!(head_deadline);
     loop {
         head_deadline.as_mut().reset(Instant::now() + HEAD_TIMEOUT);
         let plain = loop {
-            let wanted = match take_request(&mut buf) {
+            let wanted = match take_request(&mut buf, &mut spans) {
                 Taken::Request(plain) => break plain,
                 Taken::Handoff => return Served::Handoff(Rewind::new(io, buf.freeze())),
                 Taken::Head if buf.len() >= MAX_HEAD => {
@@ -107,7 +109,7 @@ where
         };
         drop(answer);
         let close = close || relay.shutdown.is_cancelled();
-        match response::write(&mut io, response, &method, close).await {
+        match response::write(&mut io, response, &method, close, &mut head).await {
             Ok(true) => {}
             Ok(false) | Err(_) => {
                 let _ = io.shutdown().await;

@@ -39,19 +39,24 @@ pub(super) struct Plain {
 }
 
 /// Where one header line's name and value sit in the buffer.
-#[derive(Clone, Copy, Default)]
-struct Span {
+#[derive(Clone, Copy)]
+pub(super) struct Span {
     name: (usize, usize),
     value: (usize, usize),
 }
 
 /// Takes one whole request off the front of `buf`, or says why not. Heads are parsed by
 /// `httparse`, the parser hyper uses, and built into the same `http` types hyper builds, so a
-/// handler cannot tell which of the two read a request.
-pub(super) fn take_request(buf: &mut BytesMut) -> Taken {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Request::new(&mut headers);
-    let head_len = match parsed.parse(buf) {
+/// handler cannot tell which of the two read a request. `spans` is room the connection keeps
+/// for the header lines' places (nothing per request is zeroed or allocated for them).
+pub(super) fn take_request(buf: &mut BytesMut, spans: &mut Vec<Span>) -> Taken {
+    if buf.is_empty() {
+        return Taken::Head;
+    }
+    let mut headers =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let head_len = match parsed.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Taken::Head,
         Err(_) => return Taken::Handoff,
@@ -72,10 +77,10 @@ pub(super) fn take_request(buf: &mut BytesMut) -> Taken {
     let base = buf.as_ptr() as usize;
     let span_of = |bytes: &[u8]| (bytes.as_ptr() as usize - base, bytes.len());
     let target = span_of(target.as_bytes());
-    let mut spans = [Span::default(); MAX_HEADERS];
+    spans.clear();
     let mut content_length = None;
     let mut close = false;
-    for (header, span) in parsed.headers.iter().zip(spans.iter_mut()) {
+    for header in parsed.headers.iter() {
         let name = header.name.as_bytes();
         match special(name) {
             Special::None => {}
@@ -89,12 +94,11 @@ pub(super) fn take_request(buf: &mut BytesMut) -> Taken {
                 None => return Taken::Handoff,
             },
         }
-        *span = Span {
+        spans.push(Span {
             name: span_of(name),
             value: span_of(header.value),
-        };
+        });
     }
-    let count = parsed.headers.len();
     let body_len = match content_length {
         Some(length) if length > MAX_WHOLE_BODY as u64 => return Taken::Handoff,
         Some(length) => length as usize,
@@ -106,7 +110,7 @@ pub(super) fn take_request(buf: &mut BytesMut) -> Taken {
     }
     let head = buf.split_to(head_len).freeze();
     let body = buf.split_to(body_len).freeze();
-    match build(&head, method, target, &spans[..count]) {
+    match build(&head, method, target, spans) {
         Some(parts) => Taken::Request(Box::new(Plain {
             request: Request::from_parts(parts, CallerBody::whole(body)),
             close,

@@ -121,27 +121,31 @@ fn parse_length(value: &HeaderValue) -> Option<u64> {
     std::str::from_utf8(value.as_bytes()).ok()?.parse().ok()
 }
 
-/// Writes `response` to a request with `method`. `Ok(true)` when the connection can carry
-/// another request: the whole answer went out as framed and `close` was not asked for.
+/// Writes `response` to a request with `method`, its head encoded into `scratch` (room the
+/// connection keeps). `Ok(true)` when the connection can carry another request: the whole
+/// answer went out as framed and `close` was not asked for.
 pub(super) async fn write<S>(
     io: &mut S,
     response: Response<RelayBody>,
     method: &Method,
     close: bool,
+    scratch: &mut Vec<u8>,
 ) -> io::Result<bool>
 where
     S: AsyncWrite + Unpin,
 {
-    let mut head = Vec::with_capacity(256);
-    let framing = encode_head(&response, method, close, &mut head);
+    scratch.clear();
+    let framing = encode_head(&response, method, close, scratch);
+    let head: &[u8] = scratch;
     let mut body = response.into_body();
     if framing == Framing::Empty {
         // As hyper does: a body that cannot be sent is dropped unread.
         drop(body);
-        write_all(io, &mut [IoSlice::new(&head)]).await?;
+        write_all(io, &mut [IoSlice::new(head)]).await?;
         io.flush().await?;
         return Ok(!close);
     }
+    // The head until it has gone out.
     let mut head = Some(head);
     let mut left = match framing {
         Framing::Length(length) => Some(length),
@@ -153,7 +157,7 @@ where
             Some(frame) => frame,
             None => {
                 if let Some(head) = head.take() {
-                    write_all(io, &mut [IoSlice::new(&head)]).await?;
+                    write_all(io, &mut [IoSlice::new(head)]).await?;
                 }
                 io.flush().await?;
                 body.frame().await
@@ -186,17 +190,17 @@ where
     match (framing, left) {
         (Framing::Chunked, _) => {
             let head = head.take().unwrap_or_default();
-            write_all(io, &mut [IoSlice::new(&head), IoSlice::new(b"0\r\n\r\n")]).await?;
+            write_all(io, &mut [IoSlice::new(head), IoSlice::new(b"0\r\n\r\n")]).await?;
         }
         (_, Some(0)) => {
             if let Some(head) = head.take() {
-                write_all(io, &mut [IoSlice::new(&head)]).await?;
+                write_all(io, &mut [IoSlice::new(head)]).await?;
             }
         }
         // The body ended short of its length: the caller must not wait for the rest.
         _ => {
             if let Some(head) = head.take() {
-                write_all(io, &mut [IoSlice::new(&head)]).await?;
+                write_all(io, &mut [IoSlice::new(head)]).await?;
             }
             return Ok(false);
         }
@@ -208,7 +212,7 @@ where
 /// One piece of the body, after the head when that has not gone out yet.
 async fn write_piece<S>(
     io: &mut S,
-    head: Option<Vec<u8>>,
+    head: Option<&[u8]>,
     data: Bytes,
     framing: Framing,
 ) -> io::Result<()>
@@ -217,14 +221,14 @@ where
 {
     let head = head.unwrap_or_default();
     if framing != Framing::Chunked {
-        return write_all(io, &mut [IoSlice::new(&head), IoSlice::new(&data)]).await;
+        return write_all(io, &mut [IoSlice::new(head), IoSlice::new(&data)]).await;
     }
     let mut size = [0u8; 18];
     let size = chunk_size_line(data.len(), &mut size);
     write_all(
         io,
         &mut [
-            IoSlice::new(&head),
+            IoSlice::new(head),
             IoSlice::new(size),
             IoSlice::new(&data),
             IoSlice::new(b"\r\n"),

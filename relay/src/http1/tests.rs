@@ -10,7 +10,7 @@ use crate::reply;
 
 fn take(input: &[u8]) -> (Taken, BytesMut) {
     let mut buf = BytesMut::from(input);
-    let taken = take_request(&mut buf);
+    let taken = take_request(&mut buf, &mut Vec::new());
     (taken, buf)
 }
 
@@ -221,17 +221,21 @@ fn answers_are_framed_as_hyper_frames_them() {
 async fn a_buffered_answer_goes_out_in_one_piece() {
     let response = reply::json(StatusCode::ACCEPTED, serde_json::json!({"queued": true}));
     let mut out = Vec::new();
-    assert!(write(&mut out, response, &Method::POST, false)
-        .await
-        .unwrap());
+    assert!(
+        write(&mut out, response, &Method::POST, false, &mut Vec::new())
+            .await
+            .unwrap()
+    );
     let text = String::from_utf8(out).unwrap();
     assert!(text.starts_with("HTTP/1.1 202 Accepted\r\n"), "{text}");
     assert!(text.ends_with("\r\n\r\n{\"queued\":true}"), "{text}");
     let mut out = Vec::new();
     let response = reply::json(StatusCode::OK, serde_json::json!({}));
-    assert!(!write(&mut out, response, &Method::HEAD, true)
-        .await
-        .unwrap());
+    assert!(
+        !write(&mut out, response, &Method::HEAD, true, &mut Vec::new())
+            .await
+            .unwrap()
+    );
     assert!(String::from_utf8(out).unwrap().ends_with("\r\n\r\n"));
 }
 
