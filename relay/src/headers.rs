@@ -11,16 +11,6 @@ fn is_hop_by_hop(name: &HeaderName, listed: &[String]) -> bool {
     HOP_BY_HOP.contains(&name.as_str()) || listed.iter().any(|l| l == name.as_str())
 }
 
-/// Names listed in `Connection` headers, lowercased.
-fn connection_listed(headers: &HeaderMap) -> Vec<String> {
-    listed_names(
-        headers
-            .get_all(http::header::CONNECTION)
-            .iter()
-            .map(HeaderValue::as_bytes),
-    )
-}
-
 /// The comma-separated names in `Connection` header `values`, lowercased (nothing is allocated
 /// when there are none).
 fn listed_names<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<String> {
@@ -48,23 +38,44 @@ pub(crate) struct Forwarded<'a> {
 ///
 /// `X-Forwarded-For` gets the caller's address appended to any value it already had;
 /// `X-Forwarded-Proto`, `-Host` and `-Prefix` are set by the relay, replacing the caller's.
+#[cfg(test)]
 pub(crate) fn request_headers(headers: &HeaderMap, fwd: &Forwarded<'_>) -> HeaderList {
-    let listed = connection_listed(headers);
-    let mut list = HeaderList::with_capacity(headers.len() + 4);
+    request_header_list(
+        || headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
+        headers.len(),
+        fwd,
+    )
+}
+
+/// [`request_headers`] of the `count` header lines `pairs` yields, in any case, as they came:
+/// names are compared case-insensitively and lowered on the way, as hyper lowers them.
+pub(crate) fn request_header_list<'a, I>(
+    pairs: impl Fn() -> I,
+    count: usize,
+    fwd: &Forwarded<'_>,
+) -> HeaderList
+where
+    I: Iterator<Item = (&'a str, &'a [u8])>,
+{
+    let listed = listed_names(pairs().filter_map(|(name, value)| {
+        (name.len() == 10 && name.eq_ignore_ascii_case("connection")).then_some(value)
+    }));
+    let mut list = HeaderList::with_capacity(count + 4);
     let mut prior_for: Vec<u8> = Vec::new();
-    for (name, value) in headers {
-        if is_hop_by_hop(name, &listed) {
-            continue;
-        }
-        match name.as_str() {
-            "x-forwarded-for" => {
+    for (name, value) in pairs() {
+        match role(name) {
+            Role::HopByHop | Role::SetByRelay => {}
+            Role::ForwardedFor => {
                 if !prior_for.is_empty() {
                     prior_for.extend_from_slice(b", ");
                 }
-                prior_for.extend_from_slice(value.as_bytes());
+                prior_for.extend_from_slice(value);
             }
-            "x-forwarded-proto" | "x-forwarded-host" | "x-forwarded-prefix" => {}
-            _ => list.push(name.as_str(), value.as_bytes()),
+            Role::EndToEnd => {
+                if !listed.iter().any(|l| l.eq_ignore_ascii_case(name)) {
+                    list.push_lowercased(name, value);
+                }
+            }
         }
     }
     let mut buffer = [0u8; 64];
@@ -77,6 +88,36 @@ pub(crate) fn request_headers(headers: &HeaderMap, fwd: &Forwarded<'_>) -> Heade
     }
     list.push_joined("x-forwarded-prefix", &[b"/", fwd.session.as_bytes()]);
     list
+}
+
+/// What a request header is to the relay.
+#[derive(Debug, PartialEq, Eq)]
+enum Role {
+    /// One of [`HOP_BY_HOP`]: never forwarded.
+    HopByHop,
+    /// `X-Forwarded-For`: the caller's address is appended.
+    ForwardedFor,
+    /// `X-Forwarded-Proto`, `-Host` or `-Prefix`: the relay's value replaces the caller's.
+    SetByRelay,
+    /// Forwarded as it came (unless `Connection` lists it).
+    EndToEnd,
+}
+
+/// `name`'s [`Role`], in any case: one comparison for most names, found by length.
+fn role(name: &str) -> Role {
+    let is = |known: &str| name.eq_ignore_ascii_case(known);
+    match name.len() {
+        2 if is("te") => Role::HopByHop,
+        7 if is("upgrade") => Role::HopByHop,
+        10 if is("connection") || is("keep-alive") => Role::HopByHop,
+        15 if is("x-forwarded-for") => Role::ForwardedFor,
+        16 if is("proxy-connection") => Role::HopByHop,
+        16 if is("x-forwarded-host") => Role::SetByRelay,
+        17 if is("transfer-encoding") => Role::HopByHop,
+        17 if is("x-forwarded-proto") => Role::SetByRelay,
+        18 if is("x-forwarded-prefix") => Role::SetByRelay,
+        _ => Role::EndToEnd,
+    }
 }
 
 /// `ip` as text, written into `buffer`: no string of its own per request. IPv4 is written
@@ -139,6 +180,31 @@ pub(crate) fn to_header_map(list: &HeaderList) -> Result<HeaderMap, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_hop_by_hop_name_has_that_role_in_any_case() {
+        for name in HOP_BY_HOP {
+            assert_eq!(role(name), Role::HopByHop, "{name}");
+            assert_eq!(role(&name.to_ascii_uppercase()), Role::HopByHop, "{name}");
+        }
+        assert_eq!(role("X-Forwarded-For"), Role::ForwardedFor);
+        for name in [
+            "x-forwarded-proto",
+            "X-Forwarded-Host",
+            "x-forwarded-PREFIX",
+        ] {
+            assert_eq!(role(name), Role::SetByRelay, "{name}");
+        }
+        for name in [
+            "x-forwarded-port",
+            "tee",
+            "connections",
+            "stripe-signature",
+            "",
+        ] {
+            assert_eq!(role(name), Role::EndToEnd, "{name}");
+        }
+    }
 
     #[test]
     fn strips_hop_by_hop_and_keeps_the_rest() {

@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 
 mod api;
 pub mod auth;
+mod caller;
 mod config;
 mod delivery;
 pub use delivery::{DELIVERY_AGE_HEADER, DELIVERY_ID_HEADER};
@@ -282,7 +283,7 @@ async fn route(relay: Arc<Relay>, req: Request<Incoming>, peer: SocketAddr) -> R
     } else {
         Box::pin(public::forward(
             relay,
-            req.map(http1::CallerBody::Streaming),
+            caller::CallerRequest::from_hyper(req),
             peer,
         ))
         .await

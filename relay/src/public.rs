@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use ferry_mux::{MuxError, PumpError};
 use ferry_protocol::{Control, HttpVersion, RequestHead};
-use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
+use http::{header, HeaderName, HeaderValue, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
 use http_body_util::Either;
@@ -17,8 +17,8 @@ use crate::record::{Exchange, Tee};
 use crate::registry::{Live, Session};
 use crate::store::{now_ms, NewRequest, OfflinePolicy, RequestState, RespondMode};
 
-use crate::headers::{request_headers, to_header_map, Forwarded};
-use crate::http1::CallerBody;
+use crate::caller::{CallerBody, CallerHead, CallerRequest};
+use crate::headers::{to_header_map, Forwarded};
 use crate::reply::{self, RelayBody};
 use crate::Relay;
 
@@ -52,15 +52,11 @@ fn protocol_version(version: Version) -> HttpVersion {
 /// Handles a request for a session URL.
 pub(crate) async fn forward(
     relay: Arc<Relay>,
-    req: Request<CallerBody>,
+    req: CallerRequest,
     peer: SocketAddr,
 ) -> Response<RelayBody> {
-    let (parts, body) = req.into_parts();
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
+    let CallerRequest { head: parts, body } = req;
+    let path_and_query = parts.target.as_str();
     let Some((session_id, target)) = split_session(path_and_query) else {
         return reply::error(
             StatusCode::NOT_FOUND,
@@ -152,7 +148,7 @@ async fn pass(
     relay: Arc<Relay>,
     session: Arc<Session>,
     live: Live,
-    parts: http::request::Parts,
+    parts: CallerHead,
     body: CallerBody,
     peer: SocketAddr,
     target: String,
@@ -160,7 +156,7 @@ async fn pass(
     let session_id = session.id.as_str();
     let target = target.as_str();
     let max_body = relay.config.max_body;
-    let declared = declared_length(&parts);
+    let declared = parts.headers.content_length();
     if declared.is_some_and(|length| length > max_body) {
         return too_large(max_body);
     }
@@ -330,7 +326,7 @@ async fn pass(
 async fn enqueue(
     relay: &Arc<Relay>,
     session: &Arc<Session>,
-    parts: &http::request::Parts,
+    parts: &CallerHead,
     body: CallerBody,
     peer: SocketAddr,
     target: &str,
@@ -338,7 +334,7 @@ async fn enqueue(
 ) -> Response<RelayBody> {
     let session_id = session.id.as_str();
     let max_body = relay.config.max_body;
-    let declared = declared_length(parts);
+    let declared = parts.headers.content_length();
     if declared.is_some_and(|length| length > max_body) {
         return too_large(max_body);
     }
@@ -492,34 +488,19 @@ impl Drop for HeldMemory<'_> {
     }
 }
 
-/// The `Content-Length` the caller declared, if any.
-fn declared_length(parts: &http::request::Parts) -> Option<u64> {
-    parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-}
-
 /// The request's headers as the app gets them: hop-by-hop ones removed, `X-Forwarded-*` added.
 fn forwarded_headers(
     relay: &Relay,
-    parts: &http::request::Parts,
+    parts: &CallerHead,
     peer: SocketAddr,
     session_id: &str,
 ) -> ferry_protocol::HeaderList {
-    let host = parts
-        .headers
-        .get(header::HOST)
-        .map(|h| h.as_bytes())
-        .or_else(|| parts.uri.authority().map(|a| a.as_str().as_bytes()));
-    let forwarded = Forwarded {
+    parts.headers.forwarded(Forwarded {
         peer,
         proto: &relay.config.public_scheme,
-        host,
+        host: None,
         session: session_id,
-    };
-    request_headers(&parts.headers, &forwarded)
+    })
 }
 
 /// Records a failed pass-through exchange.

@@ -66,7 +66,7 @@ async fn webhooks_on_a_kept_alive_connection_arrive_exactly_with_hyper_taking_ov
     for (i, body) in bodies.iter().enumerate() {
         let head = format!(
             "POST /{session}/hook/{i}?q=1 HTTP/1.1\r\nHost: relay\r\nStripe-Signature: t=1,v1=a{i}\r\n\
-             X-Dup: 1\r\nContent-Length: {}\r\nX-Dup: 2\r\n\r\n",
+             X-Dup: 1\r\nContent-Length: {}\r\nX-Dup: 2\r\nX-Dup: 3\r\n\r\n",
             body.len()
         );
         stream.write_all(head.as_bytes()).await.unwrap();
@@ -80,7 +80,7 @@ async fn webhooks_on_a_kept_alive_connection_arrive_exactly_with_hyper_taking_ov
             seen.header("stripe-signature").unwrap(),
             format!("t=1,v1=a{i}").as_bytes()
         );
-        assert_eq!(seen.header_all("x-dup"), [b"1", b"2"]);
+        assert_eq!(seen.header_all("x-dup"), [b"1", b"2", b"3"]);
         assert_eq!(seen.body.as_deref(), Some(*body));
         assert_eq!(seen.connection, 0, "one connection to the app");
     }
@@ -104,6 +104,55 @@ async fn webhooks_on_a_kept_alive_connection_arrive_exactly_with_hyper_taking_ov
     stream.write_all(head.as_bytes()).await.unwrap();
     let answer = next_answer(&mut stream, &mut pending).await;
     assert_eq!((answer.status, answer.body.as_slice()), (200, &b"last"[..]));
+}
+
+/// An app that answers one request `200` and hands over its head as it came off the wire.
+async fn raw_app() -> (std::net::SocketAddr, tokio::sync::oneshot::Receiver<String>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 8192];
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tcp.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the app's connection closed mid-head");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        tcp.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        let _ = tx.send(String::from_utf8_lossy(&seen).into_owned());
+        // Held open until the client is done with it.
+        let _ = tcp.read(&mut buf).await;
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn header_lines_reach_the_app_in_the_order_they_were_sent() {
+    let (app, head) = raw_app().await;
+    let relay = TestRelay::start().await;
+    let client = TestClient::start(client_config(&relay.url(), &app.to_string())).await;
+    let request = format!(
+        "GET /{}/order HTTP/1.1\r\nHost: relay\r\nX-A: 1\r\nX-B: 2\r\nX-A: 3\r\nX-C: \r\nx-b: 4\r\n\r\n",
+        client.session
+    );
+    let answer = parse_response(&raw_http(relay.addr, request.as_bytes()).await).unwrap();
+    assert_eq!(answer.status, 200);
+    let head = head.await.unwrap();
+    let lines: Vec<&str> = head
+        .lines()
+        .filter(|line| {
+            line.starts_with("x-a:") || line.starts_with("x-b:") || line.starts_with("x-c:")
+        })
+        .collect();
+    assert_eq!(
+        lines,
+        ["x-a: 1", "x-b: 2", "x-a: 3", "x-c: ", "x-b: 4"],
+        "{head}"
+    );
 }
 
 #[tokio::test]

@@ -7,9 +7,9 @@
 //! Why: hyper's general machinery (its dispatcher, buffers and encoder) was about a fifth of
 //! the relay's instructions per webhook (docs/BENCHMARKS.md, finding 34). Here one task reads a
 //! request whole, awaits the public handler while watching for the caller hanging up, writes
-//! the answer (head and first piece of body in one write) and reads the next.
+//! the answer (head and first piece of body in one write) and reads the next. Header lines stay
+//! slices of the head as it came ([`WireHeaders`]); no `HeaderMap` is built for them.
 
-mod body;
 mod date;
 mod request;
 mod response;
@@ -25,7 +25,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::time::Instant;
 
-pub(crate) use body::CallerBody;
+pub(crate) use request::WireHeaders;
 pub(crate) use rewind::Rewind;
 
 use request::{take_request, Taken};
@@ -57,14 +57,13 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut buf = BytesMut::new();
-    let mut spans = Vec::new();
     let mut head = Vec::new();
     let head_deadline = tokio::time::sleep(HEAD_TIMEOUT);
     tokio::pin!(head_deadline);
     loop {
         head_deadline.as_mut().reset(Instant::now() + HEAD_TIMEOUT);
         let plain = loop {
-            let wanted = match take_request(&mut buf, &mut spans) {
+            let wanted = match take_request(&mut buf) {
                 Taken::Request(plain) => break plain,
                 Taken::Handoff => return Served::Handoff(Rewind::new(io, buf.freeze())),
                 Taken::Head if buf.len() >= MAX_HEAD => {
@@ -89,7 +88,7 @@ where
                 return Served::Closed;
             }
         };
-        let method = plain.request.method().clone();
+        let method = plain.request.head.method.clone();
         let close = plain.close;
         let answer = crate::public::forward(relay.clone(), plain.request, peer);
         // Boxed: the handler's state stays out of this connection's future.

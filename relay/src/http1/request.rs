@@ -1,9 +1,12 @@
 //! Taking one plain request, head and body, off the front of a connection's buffer.
 
-use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
+use std::mem::MaybeUninit;
 
-use super::body::CallerBody;
+use bytes::{Bytes, BytesMut};
+use http::uri::PathAndQuery;
+use http::{Method, Version};
+
+use crate::caller::{CallerBody, CallerHead, CallerHeaders, CallerRequest};
 
 /// Most header lines read (hyper's limit too: more is handed to it, and it answers `431`).
 pub(super) const MAX_HEADERS: usize = 100;
@@ -33,28 +36,60 @@ pub(super) enum Taken {
 #[derive(Debug)]
 pub(super) struct Plain {
     /// The request as the public handler takes it.
-    pub(super) request: Request<CallerBody>,
+    pub(super) request: CallerRequest,
     /// It asked for the connection to close after the answer (`Connection: close`).
     pub(super) close: bool,
 }
 
-/// Where one header line's name and value sit in the buffer.
-#[derive(Clone, Copy)]
-pub(super) struct Span {
+/// The header lines of a head this path read, as they were on the wire: slices of the head's
+/// bytes, nothing copied or lowered (hyper builds a `HeaderMap`, which the handler would only
+/// turn back into a list).
+#[derive(Debug)]
+pub(crate) struct WireHeaders {
+    head: Bytes,
+    /// Where each line's name and value are in `head`.
+    spans: Vec<Span>,
+    content_length: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Span {
     name: (usize, usize),
     value: (usize, usize),
 }
 
+impl WireHeaders {
+    /// The lines, in order: names as sent (any case), values as sent.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> + Clone {
+        let at = |(start, len): (usize, usize)| &self.head[start..start + len];
+        self.spans.iter().map(move |span| {
+            // Names passed `httparse`'s token check: ASCII.
+            (
+                std::str::from_utf8(at(span.name)).unwrap_or_default(),
+                at(span.value),
+            )
+        })
+    }
+
+    /// Number of lines.
+    pub(crate) fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    /// The declared `Content-Length`.
+    pub(crate) fn content_length(&self) -> Option<u64> {
+        self.content_length
+    }
+}
+
 /// Takes one whole request off the front of `buf`, or says why not. Heads are parsed by
-/// `httparse`, the parser hyper uses, and built into the same `http` types hyper builds, so a
-/// handler cannot tell which of the two read a request. `spans` is room the connection keeps
-/// for the header lines' places (nothing per request is zeroed or allocated for them).
-pub(super) fn take_request(buf: &mut BytesMut, spans: &mut Vec<Span>) -> Taken {
+/// `httparse`, the parser hyper uses, with hyper's limits; what hyper would refuse, or read
+/// differently, goes to hyper.
+pub(super) fn take_request(buf: &mut BytesMut) -> Taken {
     if buf.is_empty() {
         return Taken::Head;
     }
-    let mut headers =
-        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut []);
     let head_len = match parsed.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(len)) => len,
@@ -74,15 +109,10 @@ pub(super) fn take_request(buf: &mut BytesMut, spans: &mut Vec<Span>) -> Taken {
     {
         return Taken::Handoff;
     }
-    let base = buf.as_ptr() as usize;
-    let span_of = |bytes: &[u8]| (bytes.as_ptr() as usize - base, bytes.len());
-    let target = span_of(target.as_bytes());
-    spans.clear();
     let mut content_length = None;
     let mut close = false;
     for header in parsed.headers.iter() {
-        let name = header.name.as_bytes();
-        match special(name) {
+        match special(header.name.as_bytes()) {
             Special::None => {}
             Special::HandOff => return Taken::Handoff,
             Special::ContentLength => match (content_length, parse_length(header.value)) {
@@ -94,10 +124,6 @@ pub(super) fn take_request(buf: &mut BytesMut, spans: &mut Vec<Span>) -> Taken {
                 None => return Taken::Handoff,
             },
         }
-        spans.push(Span {
-            name: span_of(name),
-            value: span_of(header.value),
-        });
     }
     let body_len = match content_length {
         Some(length) if length > MAX_WHOLE_BODY as u64 => return Taken::Handoff,
@@ -108,48 +134,46 @@ pub(super) fn take_request(buf: &mut BytesMut, spans: &mut Vec<Span>) -> Taken {
     if buf.len() < total {
         return Taken::Body { total };
     }
+    let base = buf.as_ptr() as usize;
+    let span_of = |bytes: &[u8]| (bytes.as_ptr() as usize - base, bytes.len());
+    let target = span_of(target.as_bytes());
+    let spans: Vec<Span> = parsed
+        .headers
+        .iter()
+        .map(|header| Span {
+            name: span_of(header.name.as_bytes()),
+            value: span_of(header.value),
+        })
+        .collect();
     let head = buf.split_to(head_len).freeze();
     let body = buf.split_to(body_len).freeze();
-    match build(&head, method, target, spans) {
-        Some(parts) => Taken::Request(Box::new(Plain {
-            request: Request::from_parts(parts, CallerBody::whole(body)),
-            close,
-        })),
-        None => {
-            // Something `http` refuses that `httparse` let through: put the bytes back for
-            // hyper to answer (this copies, and only ever happens to malformed requests).
-            let mut restored = BytesMut::with_capacity(head.len() + body.len() + buf.len());
-            restored.extend_from_slice(&head);
-            restored.extend_from_slice(&body);
-            restored.extend_from_slice(buf);
-            *buf = restored;
-            Taken::Handoff
-        }
-    }
-}
-
-/// Builds the request head out of `head`'s bytes: values are slices of it, not copies.
-fn build(
-    head: &Bytes,
-    method: Method,
-    target: (usize, usize),
-    spans: &[Span],
-) -> Option<http::request::Parts> {
-    let slice = |(start, len): (usize, usize)| head.slice(start..start + len);
-    let uri = Uri::from_maybe_shared(slice(target)).ok()?;
-    let mut headers = HeaderMap::with_capacity(spans.len());
-    for span in spans {
-        let (start, len) = span.name;
-        let name = HeaderName::from_bytes(&head[start..start + len]).ok()?;
-        let value = HeaderValue::from_maybe_shared(slice(span.value)).ok()?;
-        headers.append(name, value);
-    }
-    let (mut parts, ()) = Request::new(()).into_parts();
-    parts.method = method;
-    parts.uri = uri;
-    parts.version = Version::HTTP_11;
-    parts.headers = headers;
-    Some(parts)
+    let (start, len) = target;
+    let Ok(target) = PathAndQuery::from_maybe_shared(head.slice(start..start + len)) else {
+        // A target `http` refuses that `httparse` let through: put the bytes back for hyper to
+        // answer (this copies, and only ever happens to malformed requests).
+        let mut restored = BytesMut::with_capacity(head.len() + body.len() + buf.len());
+        restored.extend_from_slice(&head);
+        restored.extend_from_slice(&body);
+        restored.extend_from_slice(buf);
+        *buf = restored;
+        return Taken::Handoff;
+    };
+    Taken::Request(Box::new(Plain {
+        request: CallerRequest {
+            head: CallerHead {
+                method,
+                version: Version::HTTP_11,
+                target,
+                headers: CallerHeaders::Wire(WireHeaders {
+                    head,
+                    spans,
+                    content_length,
+                }),
+            },
+            body: CallerBody::whole(body),
+        },
+        close,
+    }))
 }
 
 /// Header names that decide how a request is read.

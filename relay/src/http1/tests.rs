@@ -5,12 +5,13 @@ use tokio::io::AsyncReadExt as _;
 
 use super::request::{take_request, Plain, Taken, MAX_HEADERS, MAX_WHOLE_BODY};
 use super::response::{chunk_size_line_for_tests, encode_head, write, Framing};
-use super::Rewind;
+use super::{Rewind, WireHeaders};
+use crate::caller::CallerHeaders;
 use crate::reply;
 
 fn take(input: &[u8]) -> (Taken, BytesMut) {
     let mut buf = BytesMut::from(input);
-    let taken = take_request(&mut buf, &mut Vec::new());
+    let taken = take_request(&mut buf);
     (taken, buf)
 }
 
@@ -22,13 +23,14 @@ fn plain(input: &[u8]) -> (Plain, BytesMut) {
 }
 
 async fn body_bytes(plain: Plain) -> Bytes {
-    plain
-        .request
-        .into_body()
-        .collect()
-        .await
-        .unwrap()
-        .to_bytes()
+    plain.request.body.collect().await.unwrap().to_bytes()
+}
+
+fn wire(plain: &Plain) -> &WireHeaders {
+    match &plain.request.head.headers {
+        CallerHeaders::Wire(wire) => wire,
+        CallerHeaders::Map { .. } => panic!("a head this path read keeps its wire lines"),
+    }
 }
 
 #[tokio::test]
@@ -38,30 +40,81 @@ async fn a_webhook_is_taken_whole_and_what_follows_stays() {
     let (plain, rest) = plain(input);
     assert_eq!(&rest[..], b"GET /next");
     assert!(!plain.close);
-    let request = &plain.request;
-    assert_eq!(request.method(), Method::POST);
-    assert_eq!(
-        request.uri().path_and_query().unwrap().as_str(),
-        "/s1/hook?x=1"
-    );
-    assert_eq!(request.version(), http::Version::HTTP_11);
-    let headers = request.headers();
-    assert_eq!(headers.len(), 6);
-    assert_eq!(headers["x-sig"], "t=1,v1=ab");
-    assert_eq!(headers["host"], "relay");
-    assert_eq!(headers["x-raw"].as_bytes(), b"\xff\xfe");
-    let dups: Vec<_> = headers.get_all("x-dup").iter().collect();
-    assert_eq!(dups, ["a", "b"]);
+    let head = &plain.request.head;
+    assert_eq!(head.method, Method::POST);
+    assert_eq!(head.target.as_str(), "/s1/hook?x=1");
+    assert_eq!(head.version, http::Version::HTTP_11);
+    let lines: Vec<(&str, &[u8])> = wire(&plain).iter().collect();
+    let expected: [(&str, &[u8]); 6] = [
+        ("Host", b"relay"),
+        ("X-Sig", b"t=1,v1=ab"),
+        ("Content-Length", b"5"),
+        ("X-Dup", b"a"),
+        ("x-raw", b"\xff\xfe"),
+        ("X-Dup", b"b"),
+    ];
+    assert_eq!(lines, expected, "order, case, duplicates and bytes as sent");
+    assert_eq!(head.headers.content_length(), Some(5));
     assert_eq!(body_bytes(plain).await, "hello");
+}
+
+#[test]
+fn wire_lines_are_forwarded_as_hyper_read_ones_are_but_in_their_own_order() {
+    let input = b"POST /s1/h HTTP/1.1\r\nHost: relay.example\r\nX-Forwarded-For: 10.0.0.1\r\n\
+        Connection: keep-alive, X-Secret\r\nX-Secret: 1\r\nStripe-Signature: t=1,v1=a\r\n\
+        Keep-Alive: timeout=5\r\nX-Forwarded-Proto: gopher\r\nX-Dup: a\r\nX-Other: o\r\nX-Dup: b\r\n\
+        Content-Length: 0\r\n\r\n";
+    let (plain, _) = plain(input);
+    let fwd = || crate::headers::Forwarded {
+        peer: "192.0.2.7:1".parse().unwrap(),
+        proto: "https",
+        host: None,
+        session: "s1",
+    };
+    let from_wire = plain.request.head.headers.forwarded(fwd());
+    let mut map = http::HeaderMap::new();
+    for (name, value) in wire(&plain).iter() {
+        map.append(
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            http::HeaderValue::from_bytes(value).unwrap(),
+        );
+    }
+    let from_map = CallerHeaders::Map {
+        map,
+        authority: None,
+    }
+    .forwarded(fwd());
+    let names = |list: &ferry_protocol::HeaderList| -> Vec<String> {
+        list.iter()
+            .map(|(n, v)| format!("{n}: {}", String::from_utf8_lossy(v)))
+            .collect()
+    };
+    let expected = [
+        "host: relay.example",
+        "stripe-signature: t=1,v1=a",
+        "x-dup: a",
+        "x-other: o",
+        "x-dup: b",
+        "content-length: 0",
+        "x-forwarded-for: 10.0.0.1, 192.0.2.7",
+        "x-forwarded-proto: https",
+        "x-forwarded-host: relay.example",
+        "x-forwarded-prefix: /s1",
+    ];
+    assert_eq!(names(&from_wire), expected);
+    // hyper's map groups a name's values; everything else is the same.
+    let mut grouped = names(&from_wire);
+    grouped.swap(3, 4);
+    assert_eq!(names(&from_map), grouped);
 }
 
 #[tokio::test]
 async fn a_request_without_a_body_has_none() {
     let (get, rest) = plain(b"GET /s1/ HTTP/1.1\r\nhost: r\r\n\r\n");
     assert!(rest.is_empty());
-    assert!(http_body::Body::is_end_stream(get.request.body()));
+    assert!(http_body::Body::is_end_stream(&get.request.body));
     let (post, _) = plain(b"POST /s1/ HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
-    assert!(http_body::Body::is_end_stream(post.request.body()));
+    assert!(http_body::Body::is_end_stream(&post.request.body));
 }
 
 #[test]
@@ -149,7 +202,7 @@ fn a_target_that_http_refuses_goes_back_into_the_buffer() {
     let (taken, buf) = take(input);
     if let Taken::Request(plain) = &taken {
         // Should `http` ever accept it, it must be exactly the target sent.
-        assert_eq!(plain.request.uri().path(), "/s1/{x}");
+        assert_eq!(plain.request.head.target.path(), "/s1/{x}");
         return;
     }
     assert!(matches!(taken, Taken::Handoff), "{taken:?}");
