@@ -97,9 +97,10 @@ where
             tokio::select! {
                 biased;
                 response = &mut answer => break response,
-                // A caller that hangs up cancels its exchange, as with hyper. Whatever else it
-                // sends meanwhile waits in the buffer (pipelining), up to a head's worth.
-                read = io.read_buf(&mut buf), if buf.len() < MAX_HEAD => {
+                // A caller that hangs up cancels its exchange, as with hyper. As hyper, this
+                // reads only while nothing is buffered: requests pipelined behind this one are
+                // answered first, even when the caller has closed its side after them.
+                read = io.read_buf(&mut buf), if buf.is_empty() => {
                     if !matches!(read, Ok(n) if n > 0) {
                         return Served::Closed;
                     }

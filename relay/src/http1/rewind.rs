@@ -39,6 +39,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
         let n = self.prefix.len().min(buf.remaining());
         buf.put_slice(&self.prefix[..n]);
         self.prefix.advance(n);
+        if self.prefix.is_empty() {
+            // An emptied `Bytes` still holds its buffer (a connection's whole first read
+            // buffer): let it go, or every tunnel kept it for its life.
+            self.prefix = Bytes::new();
+        }
         Poll::Ready(Ok(()))
     }
 }

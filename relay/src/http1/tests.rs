@@ -403,6 +403,22 @@ mod serving {
     }
 
     #[tokio::test]
+    async fn requests_pipelined_before_the_caller_closes_its_side_are_answered() {
+        let relay = relay();
+        let (mut near, served) = connect(&relay);
+        near.write_all(b"GET /one/ HTTP/1.1\r\n\r\nGET /two/ HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        near.shutdown().await.unwrap();
+        let mut pending = Vec::new();
+        for session in ["one", "two"] {
+            let (_, body) = answer(&mut near, &mut pending).await;
+            assert!(body.contains(&format!("no session '{session}'")), "{body}");
+        }
+        assert!(matches!(served.await.unwrap(), Served::Closed));
+    }
+
+    #[tokio::test]
     async fn the_first_request_that_is_not_plain_goes_to_hyper_with_what_follows() {
         let relay = relay();
         let (mut near, served) = connect(&relay);
@@ -472,4 +488,27 @@ mod serving {
         near.write_all(&input).await.unwrap();
         assert!(handed_off(served.await.unwrap()).len() >= super::super::MAX_HEAD);
     }
+}
+
+#[tokio::test]
+async fn a_rewound_connection_lets_go_of_what_it_put_back_once_read() {
+    struct Owner(Vec<u8>, std::sync::Arc<std::sync::atomic::AtomicBool>);
+    impl AsRef<[u8]> for Owner {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+    impl Drop for Owner {
+        fn drop(&mut self) {
+            self.1.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prefix = Bytes::from_owner(Owner(b"GET / HTTP/1.1\r\n\r\n".to_vec(), dropped.clone()));
+    let (_near, far) = tokio::io::duplex(64);
+    let mut rewound = Rewind::new(far, prefix);
+    let mut first = [0u8; 18];
+    rewound.read_exact(&mut first).await.unwrap();
+    // A tunnel lives for hours: the first read buffer must not live with it.
+    assert!(dropped.load(std::sync::atomic::Ordering::SeqCst));
 }
