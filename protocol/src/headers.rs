@@ -93,6 +93,20 @@ impl HeaderList {
         self.ends.push((self.names.len(), self.values.len()));
     }
 
+    /// Appends one entry whose name is ASCII (as an HTTP/1 parser leaves a header name), lowered
+    /// on the way, like [`push_lowercased`](Self::push_lowercased) but from bytes. A name that
+    /// is not ASCII is refused: `false`, and nothing is added.
+    pub fn push_ascii_lowercased(&mut self, name: &[u8], value: &[u8]) -> bool {
+        if !name.is_ascii() {
+            return false;
+        }
+        self.names
+            .extend(name.iter().map(|b| char::from(b.to_ascii_lowercase())));
+        self.values.extend_from_slice(value);
+        self.ends.push((self.names.len(), self.values.len()));
+        true
+    }
+
     /// The entries, in order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
         let mut start = (0, 0);
@@ -373,6 +387,19 @@ mod tests {
         let back: HeaderList = serde_json::from_str(&json).unwrap();
         assert_eq!(back, list);
         assert_eq!(back.get("X-A"), Some(&b"1"[..]));
+    }
+
+    #[test]
+    fn ascii_names_from_bytes_are_lowered_and_others_refused() {
+        let mut list = HeaderList::new();
+        assert!(list.push_ascii_lowercased(b"X-GitHub-Event", b"push"));
+        assert!(!list.push_ascii_lowercased(b"caf\xc3\xa9", b"x"));
+        assert!(list.push_ascii_lowercased(b"host", b"\xffraw"));
+        let got: Vec<(&str, &[u8])> = list.iter().collect();
+        assert_eq!(
+            got,
+            [("x-github-event", &b"push"[..]), ("host", b"\xffraw")]
+        );
     }
 
     #[test]

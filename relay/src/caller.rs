@@ -94,13 +94,16 @@ impl CallerHeaders {
                     .get(header::HOST)
                     .map(|h| h.as_bytes())
                     .or_else(|| authority.as_ref().map(|a| a.as_str().as_bytes()));
-                let pairs = || map.iter().map(|(n, v)| (n.as_str(), v.as_bytes()));
+                let pairs = || {
+                    map.iter()
+                        .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()))
+                };
                 request_header_list(pairs, map.len(), &fwd)
             }
             CallerHeaders::Wire(wire) => {
                 fwd.host = wire
                     .iter()
-                    .find(|(name, _)| name.eq_ignore_ascii_case("host"))
+                    .find(|(name, _)| name.eq_ignore_ascii_case(b"host"))
                     .map(|(_, value)| value);
                 request_header_list(|| wire.iter(), wire.len(), &fwd)
             }

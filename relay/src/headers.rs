@@ -41,24 +41,29 @@ pub(crate) struct Forwarded<'a> {
 #[cfg(test)]
 pub(crate) fn request_headers(headers: &HeaderMap, fwd: &Forwarded<'_>) -> HeaderList {
     request_header_list(
-        || headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())),
+        || {
+            headers
+                .iter()
+                .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()))
+        },
         headers.len(),
         fwd,
     )
 }
 
 /// [`request_headers`] of the `count` header lines `pairs` yields, in any case, as they came:
-/// names are compared case-insensitively and lowered on the way, as hyper lowers them.
+/// names are compared case-insensitively and lowered on the way, as hyper lowers them (a name
+/// that is not ASCII, which no HTTP parser lets through, is left out).
 pub(crate) fn request_header_list<'a, I>(
     pairs: impl Fn() -> I,
     count: usize,
     fwd: &Forwarded<'_>,
 ) -> HeaderList
 where
-    I: Iterator<Item = (&'a str, &'a [u8])>,
+    I: Iterator<Item = (&'a [u8], &'a [u8])>,
 {
     let listed = listed_names(pairs().filter_map(|(name, value)| {
-        (name.len() == 10 && name.eq_ignore_ascii_case("connection")).then_some(value)
+        (name.len() == 10 && name.eq_ignore_ascii_case(b"connection")).then_some(value)
     }));
     let mut list = HeaderList::with_capacity(count + 4);
     let mut prior_for: Vec<u8> = Vec::new();
@@ -72,8 +77,11 @@ where
                 prior_for.extend_from_slice(value);
             }
             Role::EndToEnd => {
-                if !listed.iter().any(|l| l.eq_ignore_ascii_case(name)) {
-                    list.push_lowercased(name, value);
+                if !listed
+                    .iter()
+                    .any(|l| l.as_bytes().eq_ignore_ascii_case(name))
+                {
+                    list.push_ascii_lowercased(name, value);
                 }
             }
         }
@@ -104,8 +112,8 @@ enum Role {
 }
 
 /// `name`'s [`Role`], in any case: one comparison for most names, found by length.
-fn role(name: &str) -> Role {
-    let is = |known: &str| name.eq_ignore_ascii_case(known);
+fn role(name: &[u8]) -> Role {
+    let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
     match name.len() {
         2 if is("te") => Role::HopByHop,
         7 if is("upgrade") => Role::HopByHop,
@@ -184,16 +192,20 @@ mod tests {
     #[test]
     fn every_hop_by_hop_name_has_that_role_in_any_case() {
         for name in HOP_BY_HOP {
-            assert_eq!(role(name), Role::HopByHop, "{name}");
-            assert_eq!(role(&name.to_ascii_uppercase()), Role::HopByHop, "{name}");
+            assert_eq!(role(name.as_bytes()), Role::HopByHop, "{name}");
+            assert_eq!(
+                role(name.to_ascii_uppercase().as_bytes()),
+                Role::HopByHop,
+                "{name}"
+            );
         }
-        assert_eq!(role("X-Forwarded-For"), Role::ForwardedFor);
+        assert_eq!(role(b"X-Forwarded-For"), Role::ForwardedFor);
         for name in [
             "x-forwarded-proto",
             "X-Forwarded-Host",
             "x-forwarded-PREFIX",
         ] {
-            assert_eq!(role(name), Role::SetByRelay, "{name}");
+            assert_eq!(role(name.as_bytes()), Role::SetByRelay, "{name}");
         }
         for name in [
             "x-forwarded-port",
@@ -202,7 +214,7 @@ mod tests {
             "stripe-signature",
             "",
         ] {
-            assert_eq!(role(name), Role::EndToEnd, "{name}");
+            assert_eq!(role(name.as_bytes()), Role::EndToEnd, "{name}");
         }
     }
 

@@ -59,16 +59,13 @@ struct Span {
 }
 
 impl WireHeaders {
-    /// The lines, in order: names as sent (any case), values as sent.
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> + Clone {
+    /// The lines, in order: names as sent (any case; ASCII, as `httparse` checked), values as
+    /// sent.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         let at = |(start, len): (usize, usize)| &self.head[start..start + len];
-        self.spans.iter().map(move |span| {
-            // Names passed `httparse`'s token check: ASCII.
-            (
-                std::str::from_utf8(at(span.name)).unwrap_or_default(),
-                at(span.value),
-            )
-        })
+        self.spans
+            .iter()
+            .map(move |span| (at(span.name), at(span.value)))
     }
 
     /// Number of lines.
