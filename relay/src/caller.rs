@@ -1,6 +1,7 @@
 //! A caller's request as the public handlers take it, read by hyper or by the relay's own
 //! HTTP/1 path (`http1`): the same handler serves both.
 
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -84,29 +85,39 @@ impl CallerHeaders {
         }
     }
 
-    /// The headers sent on to the client: end-to-end ones plus `X-Forwarded-*`
-    /// (`headers::request_header_list`). `fwd.host` is filled in here: the `Host` header, or
-    /// the URI's authority.
-    pub(crate) fn forwarded<'a>(&'a self, mut fwd: Forwarded<'a>) -> HeaderList {
+    /// The headers sent on to the client for a caller at `peer` reaching the relay over
+    /// `proto` on `session`'s URL: end-to-end ones plus `X-Forwarded-*`
+    /// (`headers::request_header_list`).
+    pub(crate) fn forwarded(&self, peer: SocketAddr, proto: &str, session: &str) -> HeaderList {
+        let fwd = Forwarded {
+            peer,
+            proto,
+            host: self.host(),
+            session,
+        };
         match self {
-            CallerHeaders::Map { map, authority } => {
-                fwd.host = map
-                    .get(header::HOST)
-                    .map(|h| h.as_bytes())
-                    .or_else(|| authority.as_ref().map(|a| a.as_str().as_bytes()));
+            CallerHeaders::Map { map, .. } => {
                 let pairs = || {
                     map.iter()
                         .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()))
                 };
                 request_header_list(pairs, map.len(), &fwd)
             }
-            CallerHeaders::Wire(wire) => {
-                fwd.host = wire
-                    .iter()
-                    .find(|(name, _)| name.eq_ignore_ascii_case(b"host"))
-                    .map(|(_, value)| value);
-                request_header_list(|| wire.iter(), wire.len(), &fwd)
-            }
+            CallerHeaders::Wire(wire) => request_header_list(|| wire.iter(), wire.len(), &fwd),
+        }
+    }
+
+    /// The host the caller asked for: its `Host` header, or the URI's authority.
+    fn host(&self) -> Option<&[u8]> {
+        match self {
+            CallerHeaders::Map { map, authority } => map
+                .get(header::HOST)
+                .map(|h| h.as_bytes())
+                .or_else(|| authority.as_ref().map(|a| a.as_str().as_bytes())),
+            CallerHeaders::Wire(wire) => wire
+                .iter()
+                .find(|(name, _)| name.eq_ignore_ascii_case(b"host"))
+                .map(|(_, value)| value),
         }
     }
 }

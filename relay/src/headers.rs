@@ -34,10 +34,7 @@ pub(crate) struct Forwarded<'a> {
     pub(crate) session: &'a str,
 }
 
-/// The request headers sent to the client: end-to-end ones plus `X-Forwarded-*`.
-///
-/// `X-Forwarded-For` gets the caller's address appended to any value it already had;
-/// `X-Forwarded-Proto`, `-Host` and `-Prefix` are set by the relay, replacing the caller's.
+/// [`request_header_list`] of a `HeaderMap` (the tests' way in).
 #[cfg(test)]
 pub(crate) fn request_headers(headers: &HeaderMap, fwd: &Forwarded<'_>) -> HeaderList {
     request_header_list(
@@ -51,9 +48,13 @@ pub(crate) fn request_headers(headers: &HeaderMap, fwd: &Forwarded<'_>) -> Heade
     )
 }
 
-/// [`request_headers`] of the `count` header lines `pairs` yields, in any case, as they came:
-/// names are compared case-insensitively and lowered on the way, as hyper lowers them (a name
-/// that is not ASCII, which no HTTP parser lets through, is left out).
+/// The request headers sent to the client, from the `count` header lines `pairs` yields:
+/// end-to-end ones plus `X-Forwarded-*`. Names are compared case-insensitively and lowered on
+/// the way, as hyper lowers them (a name that is not ASCII, which no HTTP parser lets through,
+/// is left out).
+///
+/// `X-Forwarded-For` gets the caller's address appended to any value it already had;
+/// `X-Forwarded-Proto`, `-Host` and `-Prefix` are set by the relay, replacing the caller's.
 pub(crate) fn request_header_list<'a, I>(
     pairs: impl Fn() -> I,
     count: usize,

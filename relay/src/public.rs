@@ -18,7 +18,7 @@ use crate::registry::{Live, Session};
 use crate::store::{now_ms, NewRequest, OfflinePolicy, RequestState, RespondMode};
 
 use crate::caller::{CallerBody, CallerHead, CallerRequest};
-use crate::headers::{to_header_map, Forwarded};
+use crate::headers::to_header_map;
 use crate::reply::{self, RelayBody};
 use crate::Relay;
 
@@ -495,12 +495,9 @@ fn forwarded_headers(
     peer: SocketAddr,
     session_id: &str,
 ) -> ferry_protocol::HeaderList {
-    parts.headers.forwarded(Forwarded {
-        peer,
-        proto: &relay.config.public_scheme,
-        host: None,
-        session: session_id,
-    })
+    parts
+        .headers
+        .forwarded(peer, &relay.config.public_scheme, session_id)
 }
 
 /// Records a failed pass-through exchange.

@@ -68,13 +68,8 @@ fn wire_lines_are_forwarded_as_hyper_read_ones_are_but_in_their_own_order() {
         Keep-Alive: timeout=5\r\nX-Forwarded-Proto: gopher\r\nX-Dup: a\r\nX-Other: o\r\nX-Dup: b\r\n\
         Content-Length: 0\r\n\r\n";
     let (plain, _) = plain(input);
-    let fwd = || crate::headers::Forwarded {
-        peer: "192.0.2.7:1".parse().unwrap(),
-        proto: "https",
-        host: None,
-        session: "s1",
-    };
-    let from_wire = plain.request.head.headers.forwarded(fwd());
+    let peer = "192.0.2.7:1".parse().unwrap();
+    let from_wire = plain.request.head.headers.forwarded(peer, "https", "s1");
     let mut map = http::HeaderMap::new();
     for (name, value) in wire(&plain).iter() {
         map.append(
@@ -86,7 +81,7 @@ fn wire_lines_are_forwarded_as_hyper_read_ones_are_but_in_their_own_order() {
         map,
         authority: None,
     }
-    .forwarded(fwd());
+    .forwarded(peer, "https", "s1");
     let names = |list: &ferry_protocol::HeaderList| -> Vec<String> {
         list.iter()
             .map(|(n, v)| format!("{n}: {}", String::from_utf8_lossy(v)))
