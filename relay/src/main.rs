@@ -98,6 +98,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .context("cannot open the relay's store")?;
     config.store = Some(store);
 
+    let shutdown = shutdown_signal();
     eprintln!("ferry-relay listening on {scheme}://{local}");
     eprintln!("public URL: {}", config.public_url);
     if generated {
@@ -114,28 +115,38 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "<token>"
         }
     );
-    ferry_relay::run(listener, config, shutdown_signal()).await?;
+    ferry_relay::run(listener, config, shutdown).await?;
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Installs the relay's SIGTERM and SIGINT handlers now, and returns what completes when either
+/// signal comes. Installed before the relay says it is listening: a signal sent as soon as it
+/// has said so must stop it gracefully, not kill it (the default action), which happened when
+/// the handlers were only installed once the accept loop first polled this.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+        let term = signal(SignalKind::terminate());
+        let interrupt = signal(SignalKind::interrupt());
+        async move {
+            match (term, interrupt) {
+                (Ok(mut term), Ok(mut interrupt)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = interrupt.recv() => {}
+                    }
                 }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
