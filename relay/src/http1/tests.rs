@@ -510,3 +510,53 @@ async fn a_rewound_connection_lets_go_of_what_it_put_back_once_read() {
     // A tunnel lives for hours: the first read buffer must not live with it.
     assert!(dropped.load(std::sync::atomic::Ordering::SeqCst));
 }
+
+/// What `take_request` may do to a buffer: take a request off its front, or leave it as it was.
+fn check_take(input: &[u8]) -> Result<(), proptest::test_runner::TestCaseError> {
+    use proptest::prelude::*;
+    let mut buf = BytesMut::from(input);
+    match take_request(&mut buf) {
+        Taken::Request(plain) => {
+            let taken = input.len() - buf.len();
+            prop_assert_eq!(&buf[..], &input[taken..], "only the front is taken");
+            let body_len = http_body::Body::size_hint(&plain.request.body).exact();
+            let declared = plain.request.head.headers.content_length().unwrap_or(0);
+            prop_assert_eq!(
+                body_len,
+                Some(declared),
+                "the body is all that was declared"
+            );
+            prop_assert!(plain.request.head.target.as_str().starts_with('/'));
+        }
+        Taken::Head | Taken::Handoff => prop_assert_eq!(&buf[..], input),
+        Taken::Body { total } => {
+            prop_assert_eq!(&buf[..], input);
+            prop_assert!(total > input.len());
+        }
+    }
+    Ok(())
+}
+
+proptest::proptest! {
+    #[test]
+    fn arbitrary_bytes_are_taken_whole_or_left_alone(
+        input in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+    ) {
+        check_take(&input)?;
+    }
+
+    #[test]
+    fn a_request_with_any_bytes_changed_is_taken_whole_or_left_alone(
+        at in proptest::collection::vec((0usize..120, proptest::prelude::any::<u8>()), 1..4),
+        cut in 0usize..130,
+    ) {
+        let mut input = b"POST /s1/hook?a=1 HTTP/1.1\r\nHost: r\r\nContent-Length: 5\r\nX-A: b\r\n\
+            Connection: close\r\n\r\nhelloGET /".to_vec();
+        for (i, byte) in at {
+            let i = i % input.len();
+            input[i] = byte;
+        }
+        input.truncate(cut.min(input.len()));
+        check_take(&input)?;
+    }
+}
