@@ -13,22 +13,23 @@ pub struct ProviderId {
     pub id: String,
 }
 
-/// Headers that carry a delivery id, in the order they are looked for, before and after
-/// Stripe's id in the body.
+/// Headers that carry a delivery id, in the order they are looked for: the first four before
+/// Stripe's id in the body, the rest after it ([`STRIPE_RANK`]).
 ///
 /// Slack (`X-Slack-Request-Timestamp` + `X-Slack-Signature`) and Paddle (`Paddle-Signature`)
 /// send signatures, not ids, so they are deliberately absent.
-const BEFORE_STRIPE: [(&str, &str); 4] = [
+const ID_HEADERS: [(&str, &str); 7] = [
     ("x-github-delivery", "github"),
     ("webhook-id", "standard-webhooks"),
     ("svix-id", "svix"),
     ("x-shopify-webhook-id", "shopify"),
-];
-const AFTER_STRIPE: [(&str, &str); 3] = [
     ("linear-delivery", "linear"),
     ("x-gitlab-event-uuid", "gitlab"),
     ("x-twilio-idempotency-token", "twilio"),
 ];
+
+/// Where Stripe's id in the body ranks among [`ID_HEADERS`]: after the first four.
+const STRIPE_RANK: usize = 4;
 
 /// Ids longer than this are not ids.
 const MAX_ID_LEN: usize = 256;
@@ -39,19 +40,24 @@ const MAX_ID_LEN: usize = 256;
 /// `X-Twilio-Idempotency-Token`. Header names are compared case-insensitively; empty, non-UTF-8
 /// or absurdly long values are skipped.
 pub fn delivery_id(headers: &HeaderList, body: &[u8]) -> Option<ProviderId> {
-    from_headers(headers, &BEFORE_STRIPE)
-        .or_else(|| stripe_event_id(body).map(|id| found("stripe", id)))
-        .or_else(|| from_headers(headers, &AFTER_STRIPE))
+    let best = from_headers(headers);
+    if let Some((rank, id)) = best.filter(|(rank, _)| *rank < STRIPE_RANK) {
+        return Some(found(ID_HEADERS[rank].1, id));
+    }
+    stripe_event_id(body)
+        .map(|id| found("stripe", id))
+        .or_else(|| best.map(|(rank, id)| found(ID_HEADERS[rank].1, id)))
 }
 
-/// The usable value of the first of `names` present, in the order of `names`: one pass over the
-/// headers (a webhook's head is read here once per request).
-fn from_headers(headers: &HeaderList, names: &[(&str, &'static str)]) -> Option<ProviderId> {
+/// The best-ranked usable id among the headers, with its rank in [`ID_HEADERS`]: one pass over
+/// the headers (a webhook's head is read here once per request), most names passed over by
+/// their length alone.
+fn from_headers(headers: &HeaderList) -> Option<(usize, &str)> {
     let mut best: Option<(usize, &str)> = None;
     for (name, value) in headers.iter() {
-        let rank = names
-            .iter()
-            .position(|(wanted, _)| name.eq_ignore_ascii_case(wanted));
+        let rank = ID_HEADERS.iter().position(|(wanted, _)| {
+            wanted.len() == name.len() && name.eq_ignore_ascii_case(wanted)
+        });
         let Some(rank) = rank.filter(|rank| best.is_none_or(|(best, _)| *rank < best)) else {
             continue;
         };
@@ -59,7 +65,7 @@ fn from_headers(headers: &HeaderList, names: &[(&str, &'static str)]) -> Option<
             best = Some((rank, id));
         }
     }
-    best.map(|(rank, id)| found(names[rank].1, id))
+    best
 }
 
 fn usable(value: &[u8]) -> Option<&str> {
