@@ -401,6 +401,26 @@ mod serving {
     }
 
     #[tokio::test]
+    async fn a_request_that_comes_in_pieces_is_answered_once_whole() {
+        let relay = relay();
+        let (mut near, served) = connect(&relay);
+        for piece in [
+            &b"POST /pieces/h HTTP/1.1\r\nhost: r\r\ncont"[..],
+            b"ent-length: 6\r\n\r\n",
+            b"abc",
+            b"def",
+        ] {
+            near.write_all(piece).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        let (head, body) = answer(&mut near, &mut Vec::new()).await;
+        assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+        assert!(body.contains("no session 'pieces'"), "{body}");
+        drop(near);
+        assert!(matches!(served.await.unwrap(), Served::Closed));
+    }
+
+    #[tokio::test]
     async fn requests_pipelined_before_the_caller_closes_its_side_are_answered() {
         let relay = relay();
         let (mut near, served) = connect(&relay);
