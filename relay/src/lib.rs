@@ -3,6 +3,9 @@
 //!
 //! # Layout
 //! - [`run`] serves one listener until a shutdown signal, then drains.
+//! - `http1`: the relay's own HTTP/1.1 server for plain webhooks; every other request, and the
+//!   rest of its connection, goes to hyper (`serve_connection`).
+//! - `caller`: a caller's request as the handlers take it, from either server.
 //! - `tunnel`: the `/_ferry/v1/connect` endpoint (auth, upgrade, session claim, mux).
 //! - `public`: everything else, forwarded to a session.
 //! - [`registry`]: sessions and their live connections.
