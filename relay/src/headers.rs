@@ -3,13 +3,8 @@
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
-use ferry_protocol::{HeaderList, HOP_BY_HOP};
+use ferry_protocol::HeaderList;
 use http::{HeaderMap, HeaderName, HeaderValue};
-
-/// Whether `name` must not be forwarded, given the names listed in the message's `Connection`.
-fn is_hop_by_hop(name: &HeaderName, listed: &[String]) -> bool {
-    HOP_BY_HOP.contains(&name.as_str()) || listed.iter().any(|l| l == name.as_str())
-}
 
 /// The comma-separated names in `Connection` header `values`, lowercased (nothing is allocated
 /// when there are none).
@@ -102,7 +97,7 @@ where
 /// What a request header is to the relay.
 #[derive(Debug, PartialEq, Eq)]
 enum Role {
-    /// One of [`HOP_BY_HOP`]: never forwarded.
+    /// One of [`ferry_protocol::HOP_BY_HOP`]: never forwarded.
     HopByHop,
     /// `X-Forwarded-For`: the caller's address is appended.
     ForwardedFor,
@@ -179,7 +174,9 @@ pub(crate) fn to_header_map(list: &HeaderList) -> Result<HeaderMap, String> {
             .map_err(|_| format!("invalid header name {name:?}"))?;
         let value = HeaderValue::from_maybe_shared(value)
             .map_err(|_| format!("invalid value for header {name}"))?;
-        if !is_hop_by_hop(&name, &listed) {
+        if role(name.as_str().as_bytes()) != Role::HopByHop
+            && !listed.iter().any(|l| l == name.as_str())
+        {
             map.append(name, value);
         }
     }
@@ -189,6 +186,7 @@ pub(crate) fn to_header_map(list: &HeaderList) -> Result<HeaderMap, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_protocol::HOP_BY_HOP;
 
     #[test]
     fn every_hop_by_hop_name_has_that_role_in_any_case() {

@@ -62,18 +62,22 @@ where
     tokio::pin!(head_deadline);
     loop {
         head_deadline.as_mut().reset(Instant::now() + HEAD_TIMEOUT);
+        // The whole request's length once its head is in: until then the head is not parsed
+        // again for every piece of the body.
+        let mut whole = None;
         let plain = loop {
-            let wanted = match take_request(&mut buf) {
-                Taken::Request(plain) => break plain,
-                Taken::Handoff => return Served::Handoff(Rewind::new(io, buf.freeze())),
-                Taken::Head if buf.len() >= MAX_HEAD => {
-                    return Served::Handoff(Rewind::new(io, buf.freeze()))
+            if whole.is_none_or(|total| buf.len() >= total) {
+                match take_request(&mut buf) {
+                    Taken::Request(plain) => break plain,
+                    Taken::Head if buf.len() < MAX_HEAD => {}
+                    Taken::Head | Taken::Handoff => {
+                        return Served::Handoff(Rewind::new(io, buf.freeze()))
+                    }
+                    Taken::Body { total } => whole = Some(total),
                 }
-                Taken::Head => None,
-                Taken::Body { total } => Some(total),
-            };
-            match wanted {
-                Some(total) => buf.reserve(total - buf.len()),
+            }
+            match whole {
+                Some(total) => buf.reserve(total.saturating_sub(buf.len())),
                 None if buf.capacity() == 0 => buf.reserve(INITIAL_BUFFER),
                 None => buf.reserve(1024),
             }
@@ -81,7 +85,7 @@ where
                 biased;
                 read = io.read_buf(&mut buf) => read,
                 // A head that takes too long ends the connection without an answer, as in hyper.
-                _ = &mut head_deadline, if wanted.is_none() => return Served::Closed,
+                _ = &mut head_deadline, if whole.is_none() => return Served::Closed,
                 _ = relay.shutdown.cancelled(), if buf.is_empty() => return Served::Closed,
             };
             if !matches!(read, Ok(n) if n > 0) {

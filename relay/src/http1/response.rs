@@ -136,7 +136,8 @@ where
 {
     scratch.clear();
     let framing = encode_head(&response, method, close, scratch);
-    let head: &[u8] = scratch;
+    // The head until it has gone out (empty after: writing it again writes nothing).
+    let mut head: &[u8] = scratch;
     let mut body = response.into_body();
     if framing == Framing::Empty {
         // As hyper does: a body that cannot be sent is dropped unread.
@@ -145,8 +146,6 @@ where
         io.flush().await?;
         return Ok(!close);
     }
-    // The head until it has gone out.
-    let mut head = Some(head);
     let mut left = match framing {
         Framing::Length(length) => Some(length),
         _ => None,
@@ -156,9 +155,7 @@ where
         let frame = match body.frame().now_or_never() {
             Some(frame) => frame,
             None => {
-                if let Some(head) = head.take() {
-                    write_all(io, &mut [IoSlice::new(head)]).await?;
-                }
+                write_all(io, &mut [IoSlice::new(std::mem::take(&mut head))]).await?;
                 io.flush().await?;
                 body.frame().await
             }
@@ -174,52 +171,34 @@ where
         if data.is_empty() {
             continue;
         }
-        let data = match &mut left {
-            Some(left) => {
-                if data.len() as u64 > *left {
-                    // More than the announced length: hyper fails the connection too.
-                    return Ok(false);
-                }
-                *left -= data.len() as u64;
-                data
+        if let Some(left) = &mut left {
+            if data.len() as u64 > *left {
+                // More than the announced length: hyper fails the connection too.
+                return Ok(false);
             }
-            None => data,
-        };
-        write_piece(io, head.take(), data, framing).await?;
+            *left -= data.len() as u64;
+        }
+        write_piece(io, std::mem::take(&mut head), data, framing).await?;
     }
-    match (framing, left) {
-        (Framing::Chunked, _) => {
-            let head = head.take().unwrap_or_default();
-            write_all(io, &mut [IoSlice::new(head), IoSlice::new(b"0\r\n\r\n")]).await?;
-        }
-        (_, Some(0)) => {
-            if let Some(head) = head.take() {
-                write_all(io, &mut [IoSlice::new(head)]).await?;
-            }
-        }
-        // The body ended short of its length: the caller must not wait for the rest.
-        _ => {
-            if let Some(head) = head.take() {
-                write_all(io, &mut [IoSlice::new(head)]).await?;
-            }
-            return Ok(false);
-        }
+    let end: &[u8] = if framing == Framing::Chunked {
+        b"0\r\n\r\n"
+    } else {
+        b""
+    };
+    write_all(io, &mut [IoSlice::new(head), IoSlice::new(end)]).await?;
+    // A body that ended short of its length: the caller must not wait for the rest.
+    if matches!(left, Some(left) if left > 0) {
+        return Ok(false);
     }
     io.flush().await?;
     Ok(!close)
 }
 
-/// One piece of the body, after the head when that has not gone out yet.
-async fn write_piece<S>(
-    io: &mut S,
-    head: Option<&[u8]>,
-    data: Bytes,
-    framing: Framing,
-) -> io::Result<()>
+/// One piece of the body, after what is left of the head (nothing once it has gone out).
+async fn write_piece<S>(io: &mut S, head: &[u8], data: Bytes, framing: Framing) -> io::Result<()>
 where
     S: AsyncWrite + Unpin,
 {
-    let head = head.unwrap_or_default();
     if framing != Framing::Chunked {
         return write_all(io, &mut [IoSlice::new(head), IoSlice::new(&data)]).await;
     }
