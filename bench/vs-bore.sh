@@ -9,18 +9,19 @@
 # loopback; then each round measures Ferry, then bore: (a) p50 at one connection and (b)
 # requests/s at 64 connections, 1 KiB POSTs, BENCH_DURATION each (default 4s, after a 1 s
 # warm-up). Prints every round and the median of the per-round ratios, Ferry to bore. Needs
-# wrk, python3, bore (bench/run.sh installs it) and release builds (built if missing).
+# wrk, python3, bore (bench/run.sh installs it) and the release build in target/pgo/release
+# (pgo/build.sh, run if it is missing; BENCH_BIN=target/release measures a plain build).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ROUNDS=${1:-5}
 DUR=${BENCH_DURATION:-4s}
-BIN=${BENCH_BIN:-$ROOT/target/release}
+BIN=${BENCH_BIN:-$ROOT/target/pgo/release}
 PATH="$HOME/.cargo/bin:$PATH"
 command -v bore >/dev/null || { echo "bore is not installed: run bench/run.sh once, or cargo install bore-cli" >&2; exit 1; }
 command -v wrk >/dev/null || { echo "wrk is not installed: apt-get install wrk" >&2; exit 1; }
 [[ -x $BIN/ferry-relay && -x $BIN/ferry && -x $BIN/bench-origin ]] ||
-  cargo build --release -q --manifest-path "$ROOT/Cargo.toml" -p ferry-relay -p ferry -p ferry-bench
+  "$ROOT/pgo/build.sh" -q -p ferry-relay -p ferry -p ferry-bench
 WORK=$(mktemp -d /tmp/ferry-vs-bore.XXXXXX)
 PIDS=()
 cleanup() {
