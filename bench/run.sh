@@ -208,7 +208,8 @@ fi
 if [[ $PGO == 1 ]]; then
   log "building release binaries (pgo/build.sh)"
   "$ROOT/pgo/build.sh" -p ferry-relay -p ferry -p ferry-bench 2>&1 | tee "$WORK/build.err" >&2
-  BUILD="\`pgo/build.sh\` (release, profile from \`$(sed -n 's/^commit //p' "$ROOT/pgo/PROFILE" | cut -c1-7)\`$(grep -q 'building without it' "$WORK/build.err" && echo ', NOT USED: toolchain too old'))"
+  BUILD="\`pgo/build.sh\` (release, profile made at \`$(sed -n 's/^commit //p' "$ROOT/pgo/PROFILE" | cut -c1-7)\`)"
+  if grep -q 'building without it' "$WORK/build.err"; then BUILD+=", profile NOT USED: the toolchain is too old"; fi
 else
   log "building release binaries (plain, BENCH_PGO=0)"
   cargo build --release --locked -p ferry-relay -p ferry -p ferry-bench
