@@ -84,9 +84,11 @@ impl TunnelBody {
         }
     }
 
+    /// The body has reached its end. The tap hears of it only on the next poll or when the
+    /// body is dropped: after the last chunk has been handed out and written on, so that what
+    /// the tap does at the end (the relay encodes a history record) does not delay it.
     fn finish(&mut self) {
         self.done = true;
-        self.end_tap(true);
         if let Some(guard) = &self.guard {
             guard.finish();
         }
@@ -118,7 +120,9 @@ impl TunnelBody {
 
 impl Drop for TunnelBody {
     fn drop(&mut self) {
-        self.end_tap(false);
+        // Complete if it reached its end (the tap of a body that broke off has gone already).
+        let complete = self.done;
+        self.end_tap(complete);
     }
 }
 
@@ -132,6 +136,8 @@ impl http_body::Body for TunnelBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
         if this.done {
+            // A body that broke off told its tap already; one that ended tells it now.
+            this.end_tap(true);
             return Poll::Ready(None);
         }
         ready!(this.poll_return_credit(cx));
@@ -158,6 +164,7 @@ impl http_body::Body for TunnelBody {
             }
             Some(Inbound::End) => {
                 this.finish();
+                this.end_tap(true);
                 Poll::Ready(None)
             }
             None => {

@@ -376,3 +376,107 @@ async fn a_body_read_to_its_length_finishes_the_stream_without_a_cancel() {
         guard_b.cancel_reason()
     );
 }
+
+/// Records what a [`BodyTap`] is told, in order.
+#[derive(Clone, Default)]
+struct TapLog(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl TapLog {
+    fn events(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+impl ferry_mux::BodyTap for TapLog {
+    fn data(&mut self, bytes: &Bytes) {
+        self.0.lock().unwrap().push(format!("data {}", bytes.len()));
+    }
+    fn end(self: Box<Self>, complete: bool) {
+        self.0.lock().unwrap().push(format!("end {complete}"));
+    }
+}
+
+/// Everything a test must keep alive while it reads a body: dropping a stream's guard or
+/// sender would cancel it.
+type Keep = Vec<Box<dyn std::any::Any + Send>>;
+
+/// Opens stream 1 on both sides, sends `12345` with its end from b, and returns a's body once
+/// the data and the end are both queued in it (stream 3's data, sent after them, is through).
+async fn body_with_its_end_queued(tap: TapLog) -> (ferry_mux::TunnelBody, Keep) {
+    let (a, b) = socket_pair().await;
+    let (mux_a, task_a) = Mux::spawn(a, config(), Ignore);
+    let (mux_b, task_b) = Mux::spawn(b, config(), Ignore);
+    let (_, body_a, _, guard_a) = mux_a.open_stream(1).unwrap();
+    let (send_b, _, _, guard_b) = mux_b.open_stream(1).unwrap();
+    send_b
+        .send_data(Bytes::from_static(b"12345"), true)
+        .await
+        .unwrap();
+    let (_, body3, _, guard3_a) = mux_a.open_stream(3).unwrap();
+    let (send3, _, _, guard3_b) = mux_b.open_stream(3).unwrap();
+    send3
+        .send_data(Bytes::from_static(b"x"), true)
+        .await
+        .unwrap();
+    body3.collect().await.unwrap();
+    let body = body_a.with_guard(guard_a).with_tap(Box::new(tap));
+    let keep: Keep = vec![
+        Box::new(mux_a),
+        Box::new(mux_b),
+        Box::new(task_a),
+        Box::new(task_b),
+        Box::new(send_b),
+        Box::new(guard_b),
+        Box::new(send3),
+        Box::new(guard3_a),
+        Box::new(guard3_b),
+    ];
+    (body, keep)
+}
+
+#[tokio::test]
+async fn the_tap_hears_of_the_end_after_the_last_chunk_was_handed_out() {
+    let tap = TapLog::default();
+    let (mut body, _keep) = body_with_its_end_queued(tap.clone()).await;
+    let chunk = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&chunk[..], b"12345");
+    assert!(
+        http_body::Body::is_end_stream(&body),
+        "the end behind it was seen"
+    );
+    // The caller writes the chunk out now; the tap's end work must not come before that.
+    assert_eq!(tap.events(), ["data 5"]);
+    assert!(body.frame().await.is_none());
+    assert_eq!(tap.events(), ["data 5", "end true"]);
+    drop(body);
+    assert_eq!(tap.events(), ["data 5", "end true"], "told once");
+}
+
+#[tokio::test]
+async fn a_body_dropped_after_its_last_chunk_tells_the_tap_it_was_complete() {
+    // As hyper does with a Content-Length answer: it stops polling after the last byte.
+    let tap = TapLog::default();
+    let (mut body, _keep) = body_with_its_end_queued(tap.clone()).await;
+    body.frame().await.unwrap().unwrap();
+    assert_eq!(tap.events(), ["data 5"]);
+    drop(body);
+    assert_eq!(tap.events(), ["data 5", "end true"]);
+}
+
+#[tokio::test]
+async fn a_body_dropped_before_its_end_tells_the_tap_it_broke_off() {
+    let tap = TapLog::default();
+    let (a, b) = socket_pair().await;
+    let (mux_a, _ta) = Mux::spawn(a, config(), Ignore);
+    let (mux_b, _tb) = Mux::spawn(b, config(), Ignore);
+    let (_, body_a, _, _ga) = mux_a.open_stream(1).unwrap();
+    let (send_b, _, _, _gb) = mux_b.open_stream(1).unwrap();
+    send_b
+        .send_data(Bytes::from_static(b"123"), false)
+        .await
+        .unwrap();
+    let mut body = body_a.with_tap(Box::new(tap.clone()));
+    body.frame().await.unwrap().unwrap();
+    drop(body);
+    assert_eq!(tap.events(), ["data 3", "end false"]);
+}
