@@ -400,16 +400,17 @@ impl ferry_mux::BodyTap for TapLog {
 /// sender would cancel it.
 type Keep = Vec<Box<dyn std::any::Any + Send>>;
 
-/// Opens stream 1 on both sides, sends `12345` with its end from b, and returns a's body once
-/// the data and the end are both queued in it (stream 3's data, sent after them, is through).
-async fn body_with_its_end_queued(tap: TapLog) -> (ferry_mux::TunnelBody, Keep) {
+/// Opens stream 1 on both sides, sends `data` from b (with its end if `end`), and returns a's
+/// body, tapped by `tap`, once all of it is queued there (stream 3's data, sent after it, is
+/// through).
+async fn tapped_body(data: &'static [u8], end: bool, tap: TapLog) -> (ferry_mux::TunnelBody, Keep) {
     let (a, b) = socket_pair().await;
     let (mux_a, task_a) = Mux::spawn(a, config(), Ignore);
     let (mux_b, task_b) = Mux::spawn(b, config(), Ignore);
     let (_, body_a, _, guard_a) = mux_a.open_stream(1).unwrap();
     let (send_b, _, _, guard_b) = mux_b.open_stream(1).unwrap();
     send_b
-        .send_data(Bytes::from_static(b"12345"), true)
+        .send_data(Bytes::from_static(data), end)
         .await
         .unwrap();
     let (_, body3, _, guard3_a) = mux_a.open_stream(3).unwrap();
@@ -437,7 +438,7 @@ async fn body_with_its_end_queued(tap: TapLog) -> (ferry_mux::TunnelBody, Keep) 
 #[tokio::test]
 async fn the_tap_hears_of_the_end_after_the_last_chunk_was_handed_out() {
     let tap = TapLog::default();
-    let (mut body, _keep) = body_with_its_end_queued(tap.clone()).await;
+    let (mut body, _keep) = tapped_body(b"12345", true, tap.clone()).await;
     let chunk = body.frame().await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(&chunk[..], b"12345");
     assert!(
@@ -456,7 +457,7 @@ async fn the_tap_hears_of_the_end_after_the_last_chunk_was_handed_out() {
 async fn a_body_dropped_after_its_last_chunk_tells_the_tap_it_was_complete() {
     // As hyper does with a Content-Length answer: it stops polling after the last byte.
     let tap = TapLog::default();
-    let (mut body, _keep) = body_with_its_end_queued(tap.clone()).await;
+    let (mut body, _keep) = tapped_body(b"12345", true, tap.clone()).await;
     body.frame().await.unwrap().unwrap();
     assert_eq!(tap.events(), ["data 5"]);
     drop(body);
@@ -466,16 +467,7 @@ async fn a_body_dropped_after_its_last_chunk_tells_the_tap_it_was_complete() {
 #[tokio::test]
 async fn a_body_dropped_before_its_end_tells_the_tap_it_broke_off() {
     let tap = TapLog::default();
-    let (a, b) = socket_pair().await;
-    let (mux_a, _ta) = Mux::spawn(a, config(), Ignore);
-    let (mux_b, _tb) = Mux::spawn(b, config(), Ignore);
-    let (_, body_a, _, _ga) = mux_a.open_stream(1).unwrap();
-    let (send_b, _, _, _gb) = mux_b.open_stream(1).unwrap();
-    send_b
-        .send_data(Bytes::from_static(b"123"), false)
-        .await
-        .unwrap();
-    let mut body = body_a.with_tap(Box::new(tap.clone()));
+    let (mut body, _keep) = tapped_body(b"123", false, tap.clone()).await;
     body.frame().await.unwrap().unwrap();
     drop(body);
     assert_eq!(tap.events(), ["data 3", "end false"]);
