@@ -209,8 +209,8 @@ if [[ $PGO == 1 ]]; then
   log "building release binaries (pgo/build.sh)"
   "$ROOT/pgo/build.sh" -p ferry-relay -p ferry -p ferry-bench 2>&1 | tee "$WORK/build.err" >&2
   made_at=$(sed -n 's/^commit //p' "$ROOT/pgo/PROFILE")
-  # How stale the profile is: commits since it was made that touched the binaries' code.
-  since=$(git -C "$ROOT" rev-list --count "$made_at..HEAD" -- protocol mux relay client 2>/dev/null || echo "?")
+  # How stale the profile is: commits since it was made that touched the binaries' sources.
+  since=$(git -C "$ROOT" rev-list --count "$made_at..HEAD" -- protocol/src mux/src relay/src client/src 2>/dev/null || echo "?")
   BUILD="\`pgo/build.sh\` (release, profile made at \`${made_at:0:7}\`, $since commit(s) to the code since)"
   if grep -q 'building without it' "$WORK/build.err"; then BUILD+=", profile NOT USED: the toolchain is too old"; fi
 else
