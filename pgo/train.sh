@@ -29,6 +29,10 @@ cleanup() {
 trap cleanup EXIT
 log() { echo "[pgo] $*" >&2; }
 
+for tool in wrk curl python3; do
+  command -v "$tool" >/dev/null || { log "$tool is missing (apt-get install $tool)"; exit 1; }
+done
+
 host=$(rustc -vV | sed -n 's/^host: //p')
 profdata="$(rustc --print sysroot)/lib/rustlib/$host/bin/llvm-profdata"
 if [[ ! -x $profdata ]]; then
