@@ -75,11 +75,13 @@ impl Forwarder {
             }
         };
         let this = self.clone();
-        tokio::spawn(async move {
+        // Boxed: the forwarding future is several KiB, and tokio moves a task's future by value
+        // as it spawns and finishes the task, where a box moves as a pointer.
+        tokio::spawn(Box::pin(async move {
             let (sender, body, _, guard) = parts;
             let event = this.exchange(head, sender, body, &guard).await;
             let _ = this.events.send(Event::Request(event)).await;
-        });
+        }));
     }
 
     async fn exchange(
