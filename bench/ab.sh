@@ -28,15 +28,8 @@ ROUNDS=${3:-3}
 DUR=${BENCH_DURATION:-5s}
 ORIGIN_BIN="$ROOT/target/release/bench-origin"
 [[ -x $ORIGIN_BIN ]] || cargo build --release -q -p ferry-bench --manifest-path "$ROOT/Cargo.toml"
-WORK=$(mktemp -d /tmp/ferry-ab.XXXXXX)
-PIDS=()
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  [[ ${BENCH_KEEP:-0} == 1 ]] && echo "kept $WORK" >&2 || rm -rf "$WORK"
-}
-trap cleanup EXIT
+source "$ROOT/bench/work.sh"
+work_dir ab
 
 free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'

@@ -22,15 +22,8 @@ command -v bore >/dev/null || { echo "bore is not installed: run bench/run.sh on
 command -v wrk >/dev/null || { echo "wrk is not installed: apt-get install wrk" >&2; exit 1; }
 [[ -x $BIN/ferry-relay && -x $BIN/ferry && -x $BIN/bench-origin ]] ||
   "$ROOT/pgo/build.sh" -q -p ferry-relay -p ferry -p ferry-bench
-WORK=$(mktemp -d /tmp/ferry-vs-bore.XXXXXX)
-PIDS=()
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+source "$ROOT/bench/work.sh"
+work_dir vs-bore
 
 free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'

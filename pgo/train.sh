@@ -18,15 +18,8 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SECONDS_PER_STEP=${PGO_SECONDS:-4}
-WORK=$(mktemp -d /tmp/ferry-pgo.XXXXXX)
-PIDS=()
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+source "$ROOT/bench/work.sh"
+work_dir pgo
 log() { echo "[pgo] $*" >&2; }
 
 for tool in wrk curl python3; do
