@@ -15,9 +15,9 @@ const EVENT_QUEUE: usize = 1024;
 const PRINT_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
 
 // mimalloc: per-request allocations (heads, frames, tasks) are small and short-lived, and
-// glibc malloc showed up high in the profile (see docs/BENCHMARKS.md).
+// glibc malloc showed up high in the profile (see docs/BENCHMARKS.md, findings 3 and 37).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: ferry_alloc::MiMalloc = ferry_alloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -7,9 +7,9 @@ use ferry_relay::{registry::random_string, Args, RelayConfig};
 use tracing_subscriber::EnvFilter;
 
 // mimalloc: per-request allocations (heads, frames, tasks) are small and short-lived, and
-// glibc malloc showed up high in the profile (see docs/BENCHMARKS.md).
+// glibc malloc showed up high in the profile (see docs/BENCHMARKS.md, findings 3 and 37).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: ferry_alloc::MiMalloc = ferry_alloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
