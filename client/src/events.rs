@@ -144,65 +144,100 @@ impl Console {
 
     /// The text to print for `event`: `(line, to_stderr)`; `None` prints nothing.
     pub fn render(&mut self, event: &Event) -> Option<(String, bool)> {
+        let mut stdout = Vec::new();
+        if let Some(line) = self.render_into(event, &mut stdout) {
+            return Some((line, true));
+        }
+        stdout.pop()?; // the newline
+        Some((String::from_utf8(stdout).ok()?, false))
+    }
+
+    /// Appends the line for `event`, newline included, to `stdout`; or returns it when it
+    /// belongs on stderr. Lines are written straight into the caller's buffer, so a printer
+    /// that keeps one buffer allocates nothing per line (finding 38).
+    pub fn render_into(&mut self, event: &Event, stdout: &mut Vec<u8>) -> Option<String> {
         if self.json {
             // Until the tunnel is up, stdout stays clean so that its first line is `ready`.
             if !self.announced && !matches!(event, Event::Ready { .. }) {
-                return Some((human(event), true));
+                let mut line = Vec::new();
+                human(event, &mut line);
+                return Some(String::from_utf8_lossy(&line).into_owned());
             }
             if matches!(event, Event::Ready { .. }) {
                 self.announced = true;
             }
-            return Some((serde_json::to_string(event).ok()?, false));
+            let start = stdout.len();
+            if serde_json::to_writer(&mut *stdout, event).is_err() {
+                stdout.truncate(start);
+                return None;
+            }
+        } else {
+            human(event, stdout);
         }
-        Some((human(event), false))
+        stdout.push(b'\n');
+        None
     }
 }
 
-fn human(event: &Event) -> String {
-    match event {
+/// Appends the line for people for `event` to `out`.
+fn human(event: &Event, out: &mut Vec<u8>) {
+    use std::io::Write as _;
+    // Writing to a `Vec` cannot fail.
+    let _ = match event {
         Event::Ready {
             url,
             target,
             answers,
             ..
-        } => format!(
+        } => write!(
+            out,
             "\nferry                  online\nForwarding             {url} -> {target}\nAnswers                {answers}\n(Ctrl+C to quit)\n"
         ),
         Event::Connecting { attempt, relay } => {
-            format!("● connecting to {relay} (attempt {attempt})")
+            write!(out, "● connecting to {relay} (attempt {attempt})")
         }
-        Event::Online { url } => format!("● online again: {url}"),
+        Event::Online { url } => write!(out, "● online again: {url}"),
         Event::Reconnecting {
             attempt,
             reason,
             retry_in_ms,
-        } => format!(
+        } => write!(
+            out,
             "● reconnecting (attempt {attempt}): {reason}; retrying in {:.1}s",
             *retry_in_ms as f64 / 1000.0
         ),
         Event::Request(r) => {
-            let time = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
-            let clock = time.get(11..19).unwrap_or(&time).to_owned();
-            let mut line = format!(
-                "{clock}  {:<7} {:<40} {:>3}  {:>8.1} ms",
+            let (hours, minutes, seconds) = utc_clock(std::time::SystemTime::now());
+            let _ = write!(
+                out,
+                "{hours:02}:{minutes:02}:{seconds:02}  {:<7} {:<40} {:>3}  {:>8.1} ms",
                 r.method, r.path, r.status, r.duration_ms
             );
             if r.duplicate {
-                line.push_str("  duplicate: delivery ");
-                line.push_str(r.delivery_id.as_deref().unwrap_or("?"));
-                line.push_str(" was already handed to the app; not passed again");
+                out.extend_from_slice(b"  duplicate: delivery ");
+                out.extend_from_slice(r.delivery_id.as_deref().unwrap_or("?").as_bytes());
+                out.extend_from_slice(b" was already handed to the app; not passed again");
             }
             if let Some(error) = &r.error {
-                line.push_str("  ");
-                line.push_str(error);
+                out.extend_from_slice(b"  ");
+                out.extend_from_slice(error.as_bytes());
             }
             if let Some(warning) = r.late_warning() {
-                line.push_str("  ⚠ ");
-                line.push_str(&warning);
+                out.extend_from_slice("  ⚠ ".as_bytes());
+                out.extend_from_slice(warning.as_bytes());
             }
-            line
+            Ok(())
         }
-    }
+    };
+}
+
+/// Hours, minutes and seconds of the day, in UTC, at `now`.
+fn utc_clock(now: std::time::SystemTime) -> (u64, u64, u64) {
+    let seconds = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs())
+        % 86_400;
+    (seconds / 3600, seconds / 60 % 60, seconds % 60)
 }
 
 /// How callers of a session are answered, in words, for the banner.
@@ -279,5 +314,39 @@ mod tests {
         let (line, _) = Console::new(false).render(&Event::Request(event)).unwrap();
         assert!(line.contains("delivered 7m late: Stripe/Slack/Standard Webhooks signatures older than 5 min fail verification"), "{line}");
         assert!(line.contains("duplicate"), "{line}");
+    }
+
+    #[test]
+    fn the_clock_is_the_utc_time_of_day() {
+        let at = std::time::UNIX_EPOCH + Duration::from_secs(1_764_660_754); // 2025-12-02T07:32:34Z
+        assert_eq!(utc_clock(at), (7, 32, 34));
+        let text = humantime::format_rfc3339_seconds(at).to_string();
+        assert_eq!(&text[11..19], "07:32:34");
+    }
+
+    #[test]
+    fn lines_follow_each_other_in_one_buffer() {
+        let mut console = Console::new(false);
+        let mut out = Vec::new();
+        let mut event = RequestEvent::new(1, "POST", "/a");
+        event.status = 200;
+        assert!(console
+            .render_into(&Event::Request(event.clone()), &mut out)
+            .is_none());
+        event.path = "/b".into();
+        event.error = Some("app closed the connection".into());
+        console.render_into(&Event::Request(event), &mut out);
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines[0].contains("  POST    /a ") && lines[0].ends_with(" ms"),
+            "{text}"
+        );
+        assert!(
+            lines[1].ends_with("ms  app closed the connection"),
+            "{text}"
+        );
+        assert!(text.ends_with('\n'));
     }
 }

@@ -14,6 +14,9 @@ const EVENT_QUEUE: usize = 1024;
 /// pause the printer keeps up with ~100,000 requests a second.
 const PRINT_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
 
+/// The printer's buffer for a batch of lines (it grows for a larger batch, and shrinks back).
+const PRINT_BUFFER: usize = 64 * 1024;
+
 // mimalloc: per-request allocations (heads, frames, tasks) are small and short-lived, and
 // glibc malloc showed up high in the profile (see docs/BENCHMARKS.md, findings 3 and 37).
 #[global_allocator]
@@ -77,33 +80,30 @@ async fn main_async(cli: Cli) -> Result<(), String> {
     // blocks only it, never the (single-threaded) tunnel.
     let printer = std::thread::spawn(move || {
         use std::io::Write as _;
-        let mut batch = Vec::with_capacity(EVENT_QUEUE);
+        // One buffer for every batch: lines are rendered straight into it.
+        let mut out = Vec::with_capacity(PRINT_BUFFER);
         // One write and flush per batch of queued events, not per request; and a short pause
         // after each, so that under steady traffic the tunnel's thread does not wake this one
         // for every request (a wake-up costs more than printing the line).
         while let Some(first) = events_rx.blocking_recv() {
-            batch.push(first);
-            while batch.len() < EVENT_QUEUE {
-                match events_rx.try_recv() {
-                    Ok(event) => batch.push(event),
-                    Err(_) => break,
+            let mut next = Some(first);
+            let mut taken = 0;
+            while let Some(event) = next.take() {
+                if let Some(line) = console.render_into(&event, &mut out) {
+                    eprintln!("{line}");
                 }
-            }
-            let mut out = String::new();
-            for event in batch.drain(..) {
-                if let Some((line, to_stderr)) = console.render(&event) {
-                    if to_stderr {
-                        eprintln!("{line}");
-                    } else {
-                        out.push_str(&line);
-                        out.push('\n');
-                    }
+                taken += 1;
+                if taken < EVENT_QUEUE {
+                    next = events_rx.try_recv().ok();
                 }
             }
             let mut stdout = std::io::stdout().lock();
-            let _ = stdout.write_all(out.as_bytes());
+            let _ = stdout.write_all(&out);
             let _ = stdout.flush();
             drop(stdout);
+            out.clear();
+            // A batch of unusually long lines does not keep its memory.
+            out.shrink_to(PRINT_BUFFER);
             std::thread::sleep(PRINT_PAUSE);
         }
     });
