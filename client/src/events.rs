@@ -142,16 +142,6 @@ impl Console {
         }
     }
 
-    /// The text to print for `event`: `(line, to_stderr)`; `None` prints nothing.
-    pub fn render(&mut self, event: &Event) -> Option<(String, bool)> {
-        let mut stdout = Vec::new();
-        if let Some(line) = self.render_into(event, &mut stdout) {
-            return Some((line, true));
-        }
-        stdout.pop()?; // the newline
-        Some((String::from_utf8(stdout).ok()?, false))
-    }
-
     /// Appends the line for `event`, newline included, to `stdout`; or returns it when it
     /// belongs on stderr. Lines are written straight into the caller's buffer, so a printer
     /// that keeps one buffer allocates nothing per line (finding 38).
@@ -269,6 +259,20 @@ pub fn describe_answers(
 mod tests {
     use super::*;
 
+    /// The line for `event` and whether it goes to stderr.
+    fn render(console: &mut Console, event: &Event) -> (String, bool) {
+        let mut stdout = Vec::new();
+        if let Some(line) = console.render_into(event, &mut stdout) {
+            return (line, true);
+        }
+        assert_eq!(
+            stdout.pop(),
+            Some(b'\n'),
+            "a stdout line ends with a newline"
+        );
+        (String::from_utf8(stdout).unwrap(), false)
+    }
+
     #[test]
     fn json_starts_with_ready() {
         let mut console = Console::new(true);
@@ -276,17 +280,14 @@ mod tests {
             attempt: 1,
             relay: "http://r".into(),
         };
-        assert!(
-            console.render(&connecting).unwrap().1,
-            "before ready: stderr"
-        );
+        assert!(render(&mut console, &connecting).1, "before ready: stderr");
         let ready = Event::Ready {
             url: "http://r/s".into(),
             session: "s".into(),
             target: "http://localhost:3000".into(),
             answers: "the app's response".into(),
         };
-        let (line, stderr) = console.render(&ready).unwrap();
+        let (line, stderr) = render(&mut console, &ready);
         assert!(!stderr);
         assert_eq!(
             line,
@@ -297,7 +298,7 @@ mod tests {
         event.duration_ms = 1.5;
         event.request_bytes = 3;
         event.response_bytes = 4;
-        let (line, _) = console.render(&Event::Request(event.clone())).unwrap();
+        let (line, _) = render(&mut console, &Event::Request(event.clone()));
         assert_eq!(
             line,
             r#"{"event":"request","id":1,"method":"POST","path":"/x","status":200,"duration_ms":1.5,"request_bytes":3,"response_bytes":4}"#
@@ -306,12 +307,12 @@ mod tests {
         event.age_ms = Some(7 * 60 * 1000 + 5);
         event.attempt = Some(2);
         event.duplicate = true;
-        let (line, _) = console.render(&Event::Request(event.clone())).unwrap();
+        let (line, _) = render(&mut console, &Event::Request(event.clone()));
         assert_eq!(
             line,
             r#"{"event":"request","id":1,"method":"POST","path":"/x","status":200,"duration_ms":1.5,"request_bytes":3,"response_bytes":4,"delivery_id":"01J","age_ms":420005,"attempt":2,"duplicate":true}"#
         );
-        let (line, _) = Console::new(false).render(&Event::Request(event)).unwrap();
+        let (line, _) = render(&mut Console::new(false), &Event::Request(event));
         assert!(line.contains("delivered 7m late: Stripe/Slack/Standard Webhooks signatures older than 5 min fail verification"), "{line}");
         assert!(line.contains("duplicate"), "{line}");
     }
