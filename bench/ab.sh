@@ -35,8 +35,6 @@ free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
-# cpu_idle: total and idle (idle + iowait) jiffies of the whole machine, from /proc/stat.
-cpu_idle() { awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print t, $5 + $6 }' /proc/stat; }
 # wait_for FILE PATTERN: up to 10 s.
 wait_for() {
   local i

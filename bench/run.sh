@@ -36,6 +36,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH="$ROOT/bench"
+source "$BENCH/work.sh" # cpu_idle, idle_pct
 PGO=${BENCH_PGO:-1}
 if [[ $PGO == 1 ]]; then BIN="$ROOT/target/pgo/release"; else BIN="$ROOT/target/release"; fi
 TOOLS="$BENCH/.tools"
@@ -253,7 +254,7 @@ wrk_run() {
 # suite NAME URL HOST CPU_PIDS...: scenarios a, b, c (and f during b) against one URL.
 suite() {
   local name=$1 url=$2 host=$3; shift 3
-  local line t0 t1 req
+  local line t0 t1 s0 s1 req
   log "$name: warm-up, then (a) latency, (b) throughput, (c) 5 MiB bodies, $DUR each"
   wrk_run "$name" warmup "$url" "$host" "$WORK/body1k.json" 1 4 1s >/dev/null
   line=$(wrk_run "$name" a "$url" "$host" "$WORK/body1k.json" 1 1)
@@ -262,9 +263,10 @@ suite() {
   R[$name.a99]=$(calc "$(kv "$line" p99_us) / 1000" 3)
   R[$name.aerr]=$(($(num "$line" non2xx) + $(num "$line" errors)))
 
-  t0=$(ticks "$@")
+  t0=$(ticks "$@"); s0=$(cpu_idle)
   line=$(wrk_run "$name" b "$url" "$host" "$WORK/body1k.json" 2 64)
-  t1=$(ticks "$@")
+  t1=$(ticks "$@"); s1=$(cpu_idle)
+  R[$name.bidle]=$(idle_pct "$s0" "$s1")
   req=$(ok_count "$line")
   R[$name.brps]=$(calc "$req / ($(num "$line" duration_us) / 1000000)" 0)
   R[$name.b99]=$(calc "$(kv "$line" p99_us) / 1000" 3)
@@ -507,20 +509,22 @@ report() {
   echo
   echo "## Requests (a–c) and CPU (f)"
   echo
-  echo "| tunnel | (a) p50 ms | (a) p90 ms | (a) p99 ms | (b) req/s | (b) p99 ms | (c) 5 MiB MiB/s | (f) CPU µs/req | errors a/b/c |"
-  echo "|---|---|---|---|---|---|---|---|---|"
+  echo "| tunnel | (a) p50 ms | (a) p90 ms | (a) p99 ms | (b) req/s | (b) p99 ms | (b) idle % | (c) 5 MiB MiB/s | (f) CPU µs/req | errors a/b/c |"
+  echo "|---|---|---|---|---|---|---|---|---|---|"
   local p
   for p in $PEERS; do
     if [[ ${R[$p.ran]:-} != 1 ]]; then
-      echo "| $p | not run: ${NOTE[$p]:-?} | | | | | | | |"
+      echo "| $p | not run: ${NOTE[$p]:-?} | | | | | | | | |"
       continue
     fi
-    echo "| $p | $(cell "$p" a50) | $(cell "$p" a90) | $(cell "$p" a99) | $(cell "$p" brps) | $(cell "$p" b99) | $(cell "$p" cmib) | $(cell "$p" fcpu) | ${R[$p.aerr]}/${R[$p.berr]}/${R[$p.cerr]} |"
+    echo "| $p | $(cell "$p" a50) | $(cell "$p" a90) | $(cell "$p" a99) | $(cell "$p" brps) | $(cell "$p" b99) | ${R[$p.bidle]:--} | $(cell "$p" cmib) | $(cell "$p" fcpu) | ${R[$p.aerr]}/${R[$p.berr]}/${R[$p.cerr]} |"
   done
   echo
   echo "(f) is the CPU time (utime + stime) the tunnel's own processes used during (b), divided by the"
   echo "requests completed: relay + client for Ferry, server + client for the peers. For direct it is"
   echo "the origin's CPU per request, so × direct compares the tunnel's cost with the app's own."
+  echo "(b) idle % is the share of the whole machine's CPU time left idle during (b): a tunnel that"
+  echo "leaves CPU idle while it carries fewer requests is waiting on its own stages, not out of CPU."
   echo "Requests/s, MiB/s and CPU per request count 2xx answers only."
   echo "\"errors\" counts non-2xx answers and socket errors in a, b and c: a scenario with errors did not"
   echo "carry all its requests, so its figures are not comparable (rerun with BENCH_KEEP=1 for the logs)."
