@@ -78,12 +78,10 @@ round() {
   count=$(sed -n 's/.* requests=\([0-9]*\).*/\1/p' <<<"$line")
   local tck; tck=$(getconf CLK_TCK)
   awk -v d="$dir" -v l="$line" -v n="$count" -v r="$((r1 - r0))" -v c="$((c1 - c0))" -v t="$tck" \
-    -v o="$((o1 - o0))" -v s0="$s0" -v s1="$s1" 'BEGIN {
+    -v o="$((o1 - o0))" -v idle="$(idle_pct "$s0" "$s1")" 'BEGIN {
     match(l, /rps=[0-9.]+/); rps = substr(l, RSTART + 4, RLENGTH - 4)
     match(l, /p50_us=[0-9]+/); p50 = substr(l, RSTART + 7, RLENGTH - 7)
-    split(s0, a, " "); split(s1, b, " ")
-    idle = (b[2] - a[2]) * 100 / (b[1] - a[1])
-    printf "%s\trps=%.0f\tp50_us=%s\trelay_cpu_us=%.1f\tclient_cpu_us=%.1f\torigin_cpu_us=%.1f\tidle_pct=%.0f\n", d, rps, p50, r * 1e6 / t / n, c * 1e6 / t / n, o * 1e6 / t / n, idle
+    printf "%s\trps=%.0f\tp50_us=%s\trelay_cpu_us=%.1f\tclient_cpu_us=%.1f\torigin_cpu_us=%.1f\tidle_pct=%s\n", d, rps, p50, r * 1e6 / t / n, c * 1e6 / t / n, o * 1e6 / t / n, idle
   }'
   kill "$client" "$relay"
   wait "$client" "$relay" 2>/dev/null || true

@@ -1,7 +1,7 @@
 # Sourced by bench/ab.sh, bench/vs-bore.sh, bench/run.sh and pgo/train.sh: a work directory and
 # the processes a script starts (their PIDs go into PIDS), all cleaned up when the script exits,
 # every process by its PID (bench/run.sh keeps its own clean-up). BENCH_KEEP=1 keeps the
-# directory. Also the machine's idle share, which every script that measures throughput reports.
+# directory. Also the machine's idle share, which bench/run.sh and bench/ab.sh report.
 #
 #   source "$ROOT/bench/work.sh"; work_dir NAME    # sets WORK=/tmp/ferry-NAME.XXXXXX and PIDS=()
 
