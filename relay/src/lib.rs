@@ -263,6 +263,10 @@ async fn prune(
 /// in a box per connection, sized for the largest branch (8.4 KiB with the API's handler inline,
 /// 0.9 KiB boxed), and writes it there for every request.
 async fn route(relay: Arc<Relay>, req: Request<Incoming>, peer: SocketAddr) -> Response<RelayBody> {
+    let hosts = req.headers().get_all(hyper::header::HOST).iter().count();
+    if let Some(refusal) = http1::host_rule(req.version(), hosts) {
+        return refusal.response();
+    }
     let path = req.uri().path();
     if path == CONNECT_PATH {
         tunnel::connect(&relay, req)

@@ -161,22 +161,63 @@ async fn a_body_over_the_limit_is_413_without_reading_it() {
     assert_eq!(status, 200);
 }
 
+/// Bad input on a raw socket: a status that fits, a JSON body naming the problem, the
+/// connection closed after it, and the relay carrying on.
 #[tokio::test]
-async fn malformed_requests_are_400() {
-    let relay = TestRelay::start().await;
-    for garbage in [
-        &b"NOT HTTP AT ALL\r\n\r\n"[..],
-        b"GET /x HTTP/1.1\r\nbad header line\r\n\r\n",
-        b"POST /x HTTP/1.1\r\nhost: r\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab",
-    ] {
-        let response = raw_http_to_eof(relay.addr, garbage).await;
-        let text = String::from_utf8_lossy(&response);
-        assert!(
-            text.starts_with("HTTP/1.1 400"),
-            "{:?} -> {text:?}",
-            String::from_utf8_lossy(garbage)
-        );
+async fn malformed_requests_get_a_fitting_status_and_a_body_naming_the_problem() {
+    let (relay, origin) = (
+        TestRelay::start().await,
+        Origin::start(Behaviour::Echo).await,
+    );
+    let client = TestClient::start(client_config(&relay.url(), &origin.addr().to_string())).await;
+    let session = &client.session;
+    let long_line = format!(
+        "GET /{session}/{} HTTP/1.1\r\nhost: r\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let long_head = format!(
+        "GET /{session}/ HTTP/1.1\r\nhost: r\r\nx-big: {}\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (b"NOT HTTP AT ALL\r\n\r\n".to_vec(), 400, "request line"),
+        (format!("GET /{session}/ HTTP/1.1\r\nhost: r\r\nbad header line\r\n\r\n").into_bytes(), 400, "header line"),
+        (format!("POST /{session}/ HTTP/1.1\r\nhost: r\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab").into_bytes(), 400, "Content-Length"),
+        (format!("POST /{session}/ HTTP/1.1\r\nhost: r\r\ncontent-length: -5\r\n\r\n").into_bytes(), 400, "Content-Length"),
+        (format!("GET /{session}/ HTTP/1.1\r\nhost: r\r\nx-a: a\0b\r\n\r\n").into_bytes(), 400, "header value"),
+        (format!("GET /{session}/ HTTP/2.0\r\nhost: r\r\n\r\n").into_bytes(), 505, "HTTP/1.1"),
+        (format!("POST /{session}/ HTTP/1.1\r\ncontent-length: 2\r\n\r\nhi").into_bytes(), 400, "Host"),
+        (format!("POST /{session}/ HTTP/1.1\r\nhost: a\r\nhost: b\r\ncontent-length: 2\r\n\r\nhi").into_bytes(), 400, "Host"),
+        // Requests hyper reads (chunked, HTTP/1.0) keep to the same rule for `Host`.
+        (format!("POST /{session}/ HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n").into_bytes(), 400, "Host"),
+        (format!("POST /{session}/ HTTP/1.0\r\nhost: a\r\nhost: b\r\ncontent-length: 2\r\n\r\nhi").into_bytes(), 400, "Host"),
+        (
+            format!("POST /{session}/ HTTP/1.1\r\nhost: r\r\ntransfer-encoding: gzip\r\n\r\n")
+                .into_bytes(),
+            400,
+            "Transfer-Encoding",
+        ),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03".to_vec(), 400, "TLS"),
+        (long_line.into_bytes(), 414, "64 KiB"),
+        (long_head.into_bytes(), 431, "64 KiB"),
+    ];
+    for (input, status, words) in cases {
+        let raw = raw_http(relay.addr, &input).await;
+        let shown = String::from_utf8_lossy(&input[..input.len().min(80)]).into_owned();
+        let response = parse_response(&raw)
+            .unwrap_or_else(|| panic!("{shown:?} -> {:?}", String::from_utf8_lossy(&raw)));
+        assert_eq!(response.status, status, "{shown:?}");
+        let body = json(&response.body);
+        let detail = body["detail"].as_str().unwrap();
+        assert!(detail.contains(words), "{shown:?} -> {detail}");
+        assert!(!body["error"].as_str().unwrap().is_empty());
     }
+    assert!(
+        origin.requests().is_empty(),
+        "nothing refused reached the app"
+    );
+    let (status, _, _) = send(Method::POST, &format!("{}/after", client.url), &[], "{}").await;
+    assert_eq!(status, 200);
 }
 
 #[tokio::test]

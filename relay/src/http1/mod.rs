@@ -1,8 +1,9 @@
 //! The relay's own HTTP/1.1 server for the requests it sees most: a plain webhook to a session
 //! URL, its head and a body of known, modest length. Everything else on a connection (HTTP/2,
-//! upgrades, `Expect`, HTTP/1.0, chunked or long bodies, the relay's API, malformed input) is
-//! handed to hyper with the bytes read so far, and hyper serves the connection from then on;
-//! so hyper still answers every refusal of bad input.
+//! upgrades, `Expect`, HTTP/1.0, chunked or long bodies, the relay's API) is handed to hyper with
+//! the bytes read so far, and hyper serves the connection from then on. Bad input this path
+//! reads (a malformed or overlong head, a broken `Content-Length`, a missing `Host`) is refused
+//! here, with a body naming the problem where hyper would send an empty one ([`Refusal`]).
 //!
 //! Why: hyper's general machinery (its dispatcher, buffers and encoder) was about a fifth of
 //! the relay's instructions per webhook (docs/BENCHMARKS.md, finding 34). Here one task reads a
@@ -11,6 +12,7 @@
 //! slices of the head as it came ([`WireHeaders`]); no `HeaderMap` is built for them.
 
 mod date;
+mod refusal;
 mod request;
 mod response;
 mod rewind;
@@ -25,6 +27,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::time::Instant;
 
+pub(crate) use refusal::{host_rule, Refusal};
 pub(crate) use request::WireHeaders;
 pub(crate) use rewind::Rewind;
 
@@ -33,11 +36,12 @@ use request::{take_request, Taken};
 use crate::Relay;
 
 /// How long a caller has to send a request's head, counted from when the connection became
-/// ready for it (hyper's `header_read_timeout`, the same value).
+/// ready for it (hyper's `header_read_timeout`, the same value); and, once the head is in, the
+/// longest wait for the next piece of its body (then `408`).
 pub(crate) const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Largest head read (hyper's `max_buf_size`, the same value: a longer head is handed to it,
-/// and it answers `431`).
+/// Largest head read (hyper's `max_buf_size`, the same value): a longer one is refused with
+/// `431`, or `414` while its request line has not ended.
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
 
 /// First size of a connection's read buffer (hyper's too).
@@ -70,10 +74,15 @@ where
                 match take_request(&mut buf) {
                     Taken::Request(plain) => break plain,
                     Taken::Head if buf.len() < MAX_HEAD => {}
-                    Taken::Head | Taken::Handoff => {
-                        return Served::Handoff(Rewind::new(io, buf.freeze()))
+                    Taken::Head => {
+                        return refuse(io, Refusal::head_too_long(&buf), &mut head).await
                     }
-                    Taken::Body { total } => whole = Some(total),
+                    Taken::Refuse(refusal) => return refuse(io, refusal, &mut head).await,
+                    Taken::Handoff => return Served::Handoff(Rewind::new(io, buf.freeze())),
+                    Taken::Body { total } => {
+                        whole = Some(total);
+                        head_deadline.as_mut().reset(Instant::now() + HEAD_TIMEOUT);
+                    }
                 }
             }
             match whole {
@@ -84,12 +93,20 @@ where
             let read = tokio::select! {
                 biased;
                 read = io.read_buf(&mut buf) => read,
-                // A head that takes too long ends the connection without an answer, as in hyper.
-                _ = &mut head_deadline, if whole.is_none() => return Served::Closed,
+                // A head that takes too long ends the connection without an answer, as in hyper;
+                // a body that stops arriving is answered.
+                _ = &mut head_deadline => return match whole {
+                    None => Served::Closed,
+                    Some(_) => refuse(io, Refusal::BODY_STALLED, &mut head).await,
+                },
                 _ = relay.shutdown.cancelled(), if buf.is_empty() => return Served::Closed,
             };
             if !matches!(read, Ok(n) if n > 0) {
                 return Served::Closed;
+            }
+            if whole.is_some() {
+                // The body has HEAD_TIMEOUT from each piece to the next.
+                head_deadline.as_mut().reset(Instant::now() + HEAD_TIMEOUT);
             }
         };
         let method = plain.request.head.method.clone();
@@ -121,4 +138,19 @@ where
             }
         }
     }
+}
+
+/// Answers bad input with `refusal` and closes the connection, as hyper does after a refusal.
+async fn refuse<S>(mut io: S, refusal: Refusal, scratch: &mut Vec<u8>) -> Served<S>
+where
+    S: AsyncWrite + Unpin,
+{
+    let answer = refusal.response();
+    if response::write(&mut io, answer, &http::Method::POST, true, scratch)
+        .await
+        .is_ok()
+    {
+        let _ = io.shutdown().await;
+    }
+    Served::Closed
 }

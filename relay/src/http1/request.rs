@@ -6,6 +6,7 @@ use bytes::{Bytes, BytesMut};
 use http::uri::PathAndQuery;
 use http::{Method, Version};
 
+use super::refusal::{host_rule, Refusal};
 use crate::caller::{CallerBody, CallerHead, CallerHeaders, CallerRequest};
 
 /// Most header lines read (hyper's limit too: more is handed to it, and it answers `431`).
@@ -26,8 +27,11 @@ pub(super) enum Taken {
     Body { total: usize },
     /// A request for hyper: anything but a plain HTTP/1.1 request to a session with a body of
     /// known, modest length (HTTP/1.0 and 2, upgrades, `Expect`, chunked or long bodies, the
-    /// relay's own `/_ferry` paths, malformed input). The buffer is as it was.
+    /// relay's own `/_ferry` paths). The buffer is as it was.
     Handoff,
+    /// Bad input, refused here with an answer that names the problem (malformed heads, a
+    /// broken `Content-Length`, the `Host` rule).
+    Refuse(Refusal),
     /// A request, split off the buffer.
     Request(Box<Plain>),
 }
@@ -79,9 +83,12 @@ impl WireHeaders {
     }
 }
 
+/// The start of an HTTP/2 connection with prior knowledge (RFC 9113 §3.4): hyper's to serve.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 /// Takes one whole request off the front of `buf`, or says why not. Heads are parsed by
-/// `httparse`, the parser hyper uses, with hyper's limits; what hyper would refuse, or read
-/// differently, goes to hyper.
+/// `httparse`, the parser hyper uses, with hyper's limits; input hyper would refuse is refused
+/// here with a clearer answer, and what hyper would read differently goes to hyper.
 pub(super) fn take_request(buf: &mut BytesMut) -> Taken {
     if buf.is_empty() {
         return Taken::Head;
@@ -91,7 +98,9 @@ pub(super) fn take_request(buf: &mut BytesMut) -> Taken {
     let head_len = match parsed.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Taken::Head,
-        Err(_) => return Taken::Handoff,
+        Err(_) if buf.starts_with(H2_PREFACE) => return Taken::Handoff,
+        Err(_) if H2_PREFACE.starts_with(buf) => return Taken::Head,
+        Err(error) => return Taken::Refuse(Refusal::malformed(buf, error)),
     };
     let (Some(1), Some(method), Some(target)) = (parsed.version, parsed.method, parsed.path) else {
         return Taken::Handoff;
@@ -107,20 +116,46 @@ pub(super) fn take_request(buf: &mut BytesMut) -> Taken {
         return Taken::Handoff;
     }
     let mut content_length = None;
+    // Several `Content-Length`s, or a list: hyper takes them if they agree.
+    let mut lengths_for_hyper = false;
+    let mut hosts = 0;
     let mut close = false;
+    // Whether the last `Transfer-Encoding` ends in `chunked`, once there is one.
+    let mut chunked = None;
     for header in parsed.headers.iter() {
         match special(header.name.as_bytes()) {
             Special::None => {}
             Special::HandOff => return Taken::Handoff,
+            Special::Host => hosts += 1,
+            Special::TransferEncoding => chunked = Some(ends_in_chunked(header.value)),
+            // As hyper: a length after a `Transfer-Encoding` is ignored.
+            Special::ContentLength if chunked.is_some() => {}
             Special::ContentLength => match (content_length, parse_length(header.value)) {
                 (None, Some(length)) => content_length = Some(length),
-                _ => return Taken::Handoff,
+                _ => match agreed_length(header.value) {
+                    Some(length) if content_length.is_none_or(|first| first == length) => {
+                        content_length = Some(length);
+                        lengths_for_hyper = true;
+                    }
+                    _ => return Taken::Refuse(Refusal::BAD_LENGTH),
+                },
             },
             Special::Connection => match connection_close(header.value) {
                 Some(listed_close) => close |= listed_close,
                 None => return Taken::Handoff,
             },
         }
+    }
+    if let Some(refusal) = host_rule(Version::HTTP_11, hosts) {
+        return Taken::Refuse(refusal);
+    }
+    match chunked {
+        Some(true) => return Taken::Handoff,
+        Some(false) => return Taken::Refuse(Refusal::NOT_CHUNKED),
+        None => {}
+    }
+    if lengths_for_hyper {
+        return Taken::Handoff;
     }
     let body_len = match content_length {
         Some(length) if length > MAX_WHOLE_BODY as u64 => return Taken::Handoff,
@@ -178,7 +213,10 @@ enum Special {
     None,
     ContentLength,
     Connection,
-    /// `Transfer-Encoding`, `Expect` or `Upgrade`: hyper's to handle.
+    Host,
+    /// Bodies in chunks are hyper's to read.
+    TransferEncoding,
+    /// `Expect` or `Upgrade`: hyper's to handle.
     HandOff,
 }
 
@@ -187,7 +225,8 @@ fn special(name: &[u8]) -> Special {
     match name.len() {
         14 if name.eq_ignore_ascii_case(b"content-length") => Special::ContentLength,
         10 if name.eq_ignore_ascii_case(b"connection") => Special::Connection,
-        17 if name.eq_ignore_ascii_case(b"transfer-encoding") => Special::HandOff,
+        4 if name.eq_ignore_ascii_case(b"host") => Special::Host,
+        17 if name.eq_ignore_ascii_case(b"transfer-encoding") => Special::TransferEncoding,
         6 if name.eq_ignore_ascii_case(b"expect") => Special::HandOff,
         7 if name.eq_ignore_ascii_case(b"upgrade") => Special::HandOff,
         _ => Special::None,
@@ -202,6 +241,28 @@ fn parse_length(value: &[u8]) -> Option<u64> {
     value.iter().try_fold(0u64, |n, d| {
         n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
     })
+}
+
+/// A `Content-Length` value that is a list of equal numbers (`1, 1`), as hyper accepts it.
+fn agreed_length(value: &[u8]) -> Option<u64> {
+    let mut agreed = None;
+    for item in value.split(|&b| b == b',') {
+        let length = parse_length(item.trim_ascii())?;
+        if agreed.is_some_and(|first| first != length) {
+            return None;
+        }
+        agreed = Some(length);
+    }
+    agreed
+}
+
+/// Whether a `Transfer-Encoding` value's last coding is `chunked`, as a request's must be
+/// (RFC 9112 §6.3).
+fn ends_in_chunked(value: &[u8]) -> bool {
+    value
+        .rsplit(|&b| b == b',')
+        .next()
+        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
 /// Whether a `Connection` value lists `close`; `None` (hand the request to hyper) when it

@@ -5,7 +5,7 @@ use tokio::io::AsyncReadExt as _;
 
 use super::request::{take_request, Plain, Taken, MAX_HEADERS, MAX_WHOLE_BODY};
 use super::response::{chunk_size_line_for_tests, encode_head, write, Framing};
-use super::{Rewind, WireHeaders};
+use super::{Refusal, Rewind, WireHeaders};
 use crate::caller::CallerHeaders;
 use crate::reply;
 
@@ -111,18 +111,18 @@ async fn a_request_without_a_body_has_none() {
     let (get, rest) = plain(b"GET /s1/ HTTP/1.1\r\nhost: r\r\n\r\n");
     assert!(rest.is_empty());
     assert!(http_body::Body::is_end_stream(&get.request.body));
-    let (post, _) = plain(b"POST /s1/ HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
+    let (post, _) = plain(b"POST /s1/ HTTP/1.1\r\nhost: r\r\ncontent-length: 0\r\n\r\n");
     assert!(http_body::Body::is_end_stream(&post.request.body));
 }
 
 #[test]
 fn connection_close_is_noticed() {
     for value in ["close", "Close", "keep-alive, close", " foo ,CLOSE"] {
-        let input = format!("GET /s1/ HTTP/1.1\r\nconnection: {value}\r\n\r\n");
+        let input = format!("GET /s1/ HTTP/1.1\r\nhost: r\r\nconnection: {value}\r\n\r\n");
         assert!(plain(input.as_bytes()).0.close, "{value}");
     }
     assert!(
-        !plain(b"GET /s1/ HTTP/1.1\r\nconnection: keep-alive\r\n\r\n")
+        !plain(b"GET /s1/ HTTP/1.1\r\nhost: r\r\nconnection: keep-alive\r\n\r\n")
             .0
             .close
     );
@@ -130,7 +130,7 @@ fn connection_close_is_noticed() {
 
 #[test]
 fn a_request_cut_short_waits_for_more() {
-    let whole = b"POST /s1/h HTTP/1.1\r\ncontent-length: 10\r\n\r\n0123456789";
+    let whole = b"POST /s1/h HTTP/1.1\r\nhost: r\r\ncontent-length: 10\r\n\r\n0123456789";
     let head_len = whole.len() - 10;
     for cut in 0..whole.len() {
         let (taken, buf) = take(&whole[..cut]);
@@ -149,12 +149,8 @@ fn a_request_cut_short_waits_for_more() {
 #[test]
 fn anything_but_a_plain_request_is_handed_to_hyper_untouched() {
     let long_body = format!(
-        "POST /s1/h HTTP/1.1\r\ncontent-length: {}\r\n\r\n",
+        "POST /s1/h HTTP/1.1\r\nhost: r\r\ncontent-length: {}\r\n\r\n",
         MAX_WHOLE_BODY + 1
-    );
-    let many_headers = format!(
-        "GET /s1/ HTTP/1.1\r\n{}\r\n",
-        "x-h: 1\r\n".repeat(MAX_HEADERS + 1)
     );
     let cases: Vec<&[u8]> = vec![
         b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
@@ -165,22 +161,16 @@ fn anything_but_a_plain_request_is_handed_to_hyper_untouched() {
         b"GET /_ferry/health HTTP/1.1\r\n\r\n",
         b"GET /_ferry HTTP/1.1\r\n\r\n",
         b"POST /_ferry/v1/api/s1/requests HTTP/1.1\r\n\r\n",
-        b"POST /s1/h HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
-        b"POST /s1/h HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 1\r\n\r\n",
-        b"GET /s1/ HTTP/1.1\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
-        b"GET /s1/ HTTP/1.1\r\nupgrade: websocket\r\n\r\n",
-        b"POST /s1/h HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 1\r\n\r\na",
-        b"POST /s1/h HTTP/1.1\r\ncontent-length: +1\r\n\r\na",
-        b"POST /s1/h HTTP/1.1\r\ncontent-length: 1, 1\r\n\r\na",
-        b"POST /s1/h HTTP/1.1\r\ncontent-length: 99999999999999999999\r\n\r\n",
+        b"POST /s1/h HTTP/1.1\r\nhost: r\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST /s1/h HTTP/1.1\r\nhost: r\r\ntransfer-encoding: gzip, Chunked\r\n\r\n0\r\n\r\n",
+        b"POST /s1/h HTTP/1.1\r\nhost: r\r\ntransfer-encoding: chunked\r\ncontent-length: +1\r\n\r\n",
+        b"POST /s1/h HTTP/1.1\r\nhost: r\r\nexpect: 100-continue\r\ncontent-length: 1\r\n\r\n",
+        b"GET /s1/ HTTP/1.1\r\nhost: r\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+        b"GET /s1/ HTTP/1.1\r\nhost: r\r\nupgrade: websocket\r\n\r\n",
+        b"POST /s1/h HTTP/1.1\r\nhost: r\r\ncontent-length: 1\r\ncontent-length: 1\r\n\r\na",
+        b"POST /s1/h HTTP/1.1\r\nhost: r\r\ncontent-length: 1, 1\r\n\r\na",
         long_body.as_bytes(),
-        many_headers.as_bytes(),
-        b"GET /s1/ HTTP/1.1\r\nbad header line\r\n\r\n",
-        b"GET /s1/ HTTP/1.1\r\nx-nul: a\0b\r\n\r\n",
-        b"GET /s1/ HTTP/1.1\r\nx-fold: a\r\n b\r\n\r\n",
-        b"G@T /s1/ HTTP/1.1\r\n\r\n",
-        b"NOT HTTP AT ALL\r\n\r\n",
-        b"GET /s1/ HTTP/1.1\r\nconnection: \xff\r\n\r\n",
+        b"GET /s1/ HTTP/1.1\r\nhost: r\r\nconnection: \xff\r\n\r\n",
     ];
     for input in cases {
         let (taken, buf) = take(input);
@@ -194,9 +184,112 @@ fn anything_but_a_plain_request_is_handed_to_hyper_untouched() {
 }
 
 #[test]
+fn bad_input_is_refused_with_a_status_that_fits() {
+    let many_headers = format!(
+        "GET /s1/ HTTP/1.1\r\nhost: r\r\n{}\r\n",
+        "x-h: 1\r\n".repeat(MAX_HEADERS)
+    );
+    let cases: Vec<(&[u8], u16, &str)> = vec![
+        (
+            b"POST /s1/h HTTP/1.1\r\nhost: r\r\ncontent-length: +1\r\n\r\na",
+            400,
+            "Content-Length",
+        ),
+        (
+            b"POST /s1/h HTTP/1.1\r\nhost: r\r\ncontent-length: 99999999999999999999\r\n\r\n",
+            400,
+            "Content-Length",
+        ),
+        (
+            b"POST /s1/h HTTP/1.1\r\nhost: r\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab",
+            400,
+            "Content-Length",
+        ),
+        (
+            b"POST /s1/h HTTP/1.1\r\nhost: r\r\ncontent-length: 1, 2\r\n\r\nab",
+            400,
+            "Content-Length",
+        ),
+        (
+            b"POST /s1/h HTTP/1.1\r\nhost: r\r\ncontent-length: -1\r\n\r\n",
+            400,
+            "Content-Length",
+        ),
+        (b"POST /s1/h HTTP/1.1\r\nhost: r\r\ntransfer-encoding: gzip\r\n\r\n", 400, "Transfer-Encoding"),
+        (b"POST /s1/h HTTP/1.1\r\nhost: r\r\ntransfer-encoding: chunked\r\ntransfer-encoding: gzip\r\n\r\n", 400, "Transfer-Encoding"),
+        (many_headers.as_bytes(), 431, "100 header lines"),
+        (
+            b"GET /s1/ HTTP/1.1\r\nhost: r\r\nbad header line\r\n\r\n",
+            400,
+            "header line",
+        ),
+        (
+            b"GET /s1/ HTTP/1.1\r\nhost: r\r\ncontent-length : 0\r\n\r\n",
+            400,
+            "header line",
+        ),
+        (
+            b"GET /s1/ HTTP/1.1\r\nhost: r\r\nx-nul: a\0b\r\n\r\n",
+            400,
+            "header value",
+        ),
+        (
+            b"GET /s1/ HTTP/1.1\r\nhost: r\r\nx-fold: a\r\n b\r\n\r\n",
+            400,
+            "folded",
+        ),
+        (b"G@T /s1/ HTTP/1.1\r\n\r\n", 400, "request line"),
+        (b"NOT HTTP AT ALL\r\n\r\n", 400, "request line"),
+        (b"GET /s1/ HTTP/2.0\r\nhost: r\r\n\r\n", 505, "HTTP/1.1"),
+        (b"GET /s1/ HTTP/3.0\r\nhost: r\r\n\r\n", 505, "HTTP/1.1"),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400, "TLS"),
+        (
+            b"POST /s1/h HTTP/1.1\r\ncontent-length: 0\r\n\r\n",
+            400,
+            "must carry a Host",
+        ),
+        (
+            b"GET /s1/ HTTP/1.1\r\nhost: a\r\nHost: b\r\n\r\n",
+            400,
+            "only one Host",
+        ),
+    ];
+    for (input, status, words) in cases {
+        let (taken, buf) = take(input);
+        let Taken::Refuse(refusal) = taken else {
+            panic!("{taken:?} for {:?}", String::from_utf8_lossy(input));
+        };
+        assert_eq!(refusal.status.as_u16(), status, "{refusal:?}");
+        assert!(refusal.detail.contains(words), "{refusal:?}");
+        assert_eq!(&buf[..], input, "the buffer is left as it was");
+    }
+}
+
+#[test]
+fn the_start_of_an_http2_preface_waits_for_the_rest() {
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    for cut in 1..preface.len() {
+        let (taken, _) = take(&preface[..cut]);
+        assert!(matches!(taken, Taken::Head), "{taken:?} at {cut}");
+    }
+}
+
+#[test]
+fn a_head_too_long_is_refused_as_its_line_needs() {
+    assert_eq!(Refusal::head_too_long(b"GET /aaaa").status.as_u16(), 414);
+    assert_eq!(
+        Refusal::head_too_long(b"GET / HTTP/1.1\r\nx: aaaa")
+            .status
+            .as_u16(),
+        431
+    );
+}
+
+#[test]
 fn a_target_that_http_refuses_goes_back_into_the_buffer() {
     // httparse takes `{` in a target; `http`'s URI parser does not.
-    let input = b"POST /s1/{x} HTTP/1.1\r\ncontent-length: 2\r\n\r\nhiGET /s1/ HTTP/1.1\r\n\r\n";
+    let input =
+        b"POST /s1/{x} HTTP/1.1\r\nhost: r\r\ncontent-length: 2\r\n\r\nhiGET /s1/ HTTP/1.1\r\n\r\n";
     let (taken, buf) = take(input);
     if let Taken::Request(plain) = &taken {
         // Should `http` ever accept it, it must be exactly the target sent.
@@ -391,7 +484,7 @@ mod serving {
             assert!(!head.contains("connection: close"), "{head}");
             assert!(body.contains(&format!("no session '{session}'")), "{body}");
         }
-        near.write_all(b"DELETE /third HTTP/1.1\r\n\r\n")
+        near.write_all(b"DELETE /third HTTP/1.1\r\nhost: r\r\n\r\n")
             .await
             .unwrap();
         let (_, body) = answer(&mut near, &mut pending).await;
@@ -424,9 +517,11 @@ mod serving {
     async fn requests_pipelined_before_the_caller_closes_its_side_are_answered() {
         let relay = relay();
         let (mut near, served) = connect(&relay);
-        near.write_all(b"GET /one/ HTTP/1.1\r\n\r\nGET /two/ HTTP/1.1\r\n\r\n")
-            .await
-            .unwrap();
+        near.write_all(
+            b"GET /one/ HTTP/1.1\r\nhost: r\r\n\r\nGET /two/ HTTP/1.1\r\nhost: r\r\n\r\n",
+        )
+        .await
+        .unwrap();
         near.shutdown().await.unwrap();
         let mut pending = Vec::new();
         for session in ["one", "two"] {
@@ -450,7 +545,7 @@ mod serving {
 
         let (mut near, served) = connect(&relay);
         let chunked =
-            b"POST /s/h HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+            b"POST /s/h HTTP/1.1\r\nhost: r\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
         near.write_all(chunked).await.unwrap();
         assert_eq!(&handed_off(served.await.unwrap())[..], chunked);
     }
@@ -460,7 +555,7 @@ mod serving {
         let relay = relay();
         let (mut near, served) = connect(&relay);
         near.write_all(
-            b"GET /s/ HTTP/1.1\r\nconnection: close\r\n\r\nGET /ignored/ HTTP/1.1\r\n\r\n",
+            b"GET /s/ HTTP/1.1\r\nhost: r\r\nconnection: close\r\n\r\nGET /ignored/ HTTP/1.1\r\n\r\n",
         )
         .await
         .unwrap();
@@ -476,7 +571,9 @@ mod serving {
     async fn an_idle_connection_closes_when_the_relay_shuts_down() {
         let relay = relay();
         let (mut near, served) = connect(&relay);
-        near.write_all(b"GET /s/ HTTP/1.1\r\n\r\n").await.unwrap();
+        near.write_all(b"GET /s/ HTTP/1.1\r\nhost: r\r\n\r\n")
+            .await
+            .unwrap();
         answer(&mut near, &mut Vec::new()).await;
         relay.shutdown.cancel();
         assert!(matches!(served.await.unwrap(), Served::Closed));
@@ -497,14 +594,96 @@ mod serving {
         assert!(rest.is_empty(), "{rest:?}");
     }
 
+    /// Sends `input` (more than the relay reads) and returns all it answers before closing.
+    async fn refused(input: Vec<u8>) -> String {
+        let relay = relay();
+        let (near, served) = connect(&relay);
+        let (mut reader, mut writer) = tokio::io::split(near);
+        // The relay closes once it has answered, so this write may end in a broken pipe.
+        let writing = tokio::spawn(async move { writer.write_all(&input).await });
+        let mut answer = Vec::new();
+        reader.read_to_end(&mut answer).await.unwrap();
+        assert!(matches!(served.await.unwrap(), Served::Closed));
+        let _ = writing.await.unwrap();
+        String::from_utf8(answer).unwrap()
+    }
+
     #[tokio::test]
-    async fn a_head_longer_than_the_limit_goes_to_hyper() {
+    async fn a_head_longer_than_the_limit_is_refused_and_the_connection_closed() {
+        let mut input = b"GET /s/ HTTP/1.1\r\nhost: r\r\nx-big: ".to_vec();
+        input.resize(super::super::MAX_HEAD + 10, b'a');
+        let answer = refused(input).await;
+        assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
+        assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
+        assert!(answer.ends_with("\"detail\":\"the request line and headers may take at most 64 KiB\",\"error\":\"request head too large\"}"), "{answer}");
+
+        let mut input = b"GET /s/".to_vec();
+        input.resize(super::super::MAX_HEAD + 10, b'a');
+        let answer = refused(input).await;
+        assert!(answer.starts_with("HTTP/1.1 414 "), "{answer}");
+        assert!(
+            answer.contains("request line may take at most 64 KiB"),
+            "{answer}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stops_arriving_is_answered_408() {
         let relay = relay();
         let (mut near, served) = connect(&relay);
-        let mut input = b"GET /s/ HTTP/1.1\r\nx-big: ".to_vec();
-        input.resize(super::super::MAX_HEAD + 10, b'a');
-        near.write_all(&input).await.unwrap();
-        assert!(handed_off(served.await.unwrap()).len() >= super::super::MAX_HEAD);
+        near.write_all(b"POST /s/h HTTP/1.1\r\nhost: r\r\ncontent-length: 10\r\n\r\nabc")
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let mut answer = Vec::new();
+        tokio::time::timeout(
+            super::super::HEAD_TIMEOUT * 3,
+            near.read_to_end(&mut answer),
+        )
+        .await
+        .expect("an answer, not a connection held open")
+        .unwrap();
+        assert!(started.elapsed() >= super::super::HEAD_TIMEOUT);
+        let answer = String::from_utf8(answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+        assert!(answer.contains("stopped arriving"), "{answer}");
+        assert!(matches!(served.await.unwrap(), Served::Closed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_body_that_keeps_coming_is_read_to_its_end() {
+        let relay = relay();
+        let (mut near, served) = connect(&relay);
+        near.write_all(b"POST /slow/h HTTP/1.1\r\nhost: r\r\ncontent-length: 3\r\n\r\n")
+            .await
+            .unwrap();
+        for byte in [b"a", b"b", b"c"] {
+            tokio::time::sleep(super::super::HEAD_TIMEOUT / 2 + super::super::HEAD_TIMEOUT / 4)
+                .await;
+            near.write_all(byte).await.unwrap();
+        }
+        let (head, body) = answer(&mut near, &mut Vec::new()).await;
+        assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+        assert!(body.contains("no session 'slow'"), "{body}");
+        drop(near);
+        assert!(matches!(served.await.unwrap(), Served::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_malformed_head_is_answered_with_what_is_wrong() {
+        let answer = refused(b"GET /s/ HTTP/1.1\r\nhost: r\r\nx-nul: a\0b\r\n\r\n".to_vec()).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+            "{answer}"
+        );
+        assert!(
+            answer.contains("content-type: application/json"),
+            "{answer}"
+        );
+        assert!(
+            answer.contains("control characters are not allowed"),
+            "{answer}"
+        );
     }
 }
 
@@ -531,7 +710,8 @@ async fn a_rewound_connection_lets_go_of_what_it_put_back_once_read() {
     assert!(dropped.load(std::sync::atomic::Ordering::SeqCst));
 }
 
-/// What `take_request` may do to a buffer: take a request off its front, or leave it as it was.
+/// What `take_request` may do to a buffer: take a request off its front, or leave it as it was
+/// (when it waits for more, hands the connection to hyper, or refuses it).
 fn check_take(input: &[u8]) -> Result<(), proptest::test_runner::TestCaseError> {
     use proptest::prelude::*;
     let mut buf = BytesMut::from(input);
@@ -548,7 +728,7 @@ fn check_take(input: &[u8]) -> Result<(), proptest::test_runner::TestCaseError> 
             );
             prop_assert!(plain.request.head.target.as_str().starts_with('/'));
         }
-        Taken::Head | Taken::Handoff => prop_assert_eq!(&buf[..], input),
+        Taken::Head | Taken::Handoff | Taken::Refuse(_) => prop_assert_eq!(&buf[..], input),
         Taken::Body { total } => {
             prop_assert_eq!(&buf[..], input);
             prop_assert!(total > input.len());
