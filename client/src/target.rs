@@ -31,10 +31,13 @@ impl Target {
         if input_trimmed.is_empty() {
             return Err(err("it is empty"));
         }
-        if let Ok(port) = input_trimmed.parse::<u16>() {
-            if port == 0 {
-                return Err(err("port 0 is not a port an app listens on"));
-            }
+        const OUT_OF_RANGE: &str = "that port is out of range: ports go from 1 to 65535";
+        if input_trimmed.bytes().all(|b| b.is_ascii_digit()) {
+            let port = match input_trimmed.parse::<u16>() {
+                Ok(0) => return Err(err("port 0 is not a port an app listens on")),
+                Ok(port) => port,
+                Err(_) => return Err(err(OUT_OF_RANGE)),
+            };
             return Ok(Target {
                 authority: Authority::try_from(format!("localhost:{port}"))
                     .map_err(|_| err("bad port"))?,
@@ -60,8 +63,16 @@ impl Target {
         if authority.as_str().contains('@') {
             return Err(err("credentials in the URL are not supported"));
         }
-        if authority.port_u16().is_none() && !input_trimmed.contains("://") {
-            return Err(err("no port"));
+        if authority.port_u16().is_none() {
+            let digits = authority.as_str().rsplit_once(':').map(|(_, port)| port);
+            if digits
+                .is_some_and(|port| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()))
+            {
+                return Err(err(OUT_OF_RANGE));
+            }
+            if !input_trimmed.contains("://") {
+                return Err(err("no port"));
+            }
         }
         if uri.query().is_some() {
             return Err(err("a target cannot have a query string"));
@@ -130,9 +141,15 @@ mod tests {
                 .to_string(),
             "http://localhost:3000/webhooks"
         );
+        for out_of_range in ["99999", "localhost:99999", "http://localhost:70000/hooks"] {
+            let error = Target::parse(out_of_range).unwrap_err().to_string();
+            assert!(error.contains("1 to 65535"), "{error}");
+        }
         for bad in [
             "",
             "0",
+            "65536",
+            "localhost:99999",
             "ftp://x:1",
             "https://localhost:3000",
             "localhost",
