@@ -28,6 +28,52 @@ use crate::Relay;
 /// How long a client has to send its hello after the upgrade.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The `Sec-WebSocket-Key` of a WebSocket opening handshake (RFC 6455 §4.2.1), or the answer
+/// for a request that is not one. Checked before the protocol version, so that a browser or
+/// `curl` on this URL is told what the endpoint is for.
+fn websocket_key(req: &Request<Incoming>) -> Result<header::HeaderValue, Box<Response<RelayBody>>> {
+    let header_is = |name: header::HeaderName, wanted: &str| {
+        req.headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|v| v.trim().eq_ignore_ascii_case(wanted))
+    };
+    let upgrade_required = |detail: &str| {
+        let mut answer = reply::error(StatusCode::UPGRADE_REQUIRED, "upgrade required", detail);
+        answer.headers_mut().insert(
+            header::UPGRADE,
+            header::HeaderValue::from_static("websocket"),
+        );
+        answer.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            header::HeaderValue::from_static("13"),
+        );
+        answer
+    };
+    if req.method() != hyper::Method::GET || !header_is(header::UPGRADE, "websocket") {
+        return Err(Box::new(upgrade_required(
+            "this endpoint takes the WebSocket of `ferry listen` (a GET with 'Upgrade: websocket'), not plain requests",
+        )));
+    }
+    if !header_is(header::SEC_WEBSOCKET_VERSION, "13") {
+        return Err(Box::new(upgrade_required(
+            "only WebSocket version 13 is spoken here",
+        )));
+    }
+    req.headers()
+        .get(header::SEC_WEBSOCKET_KEY)
+        .cloned()
+        .ok_or_else(|| {
+            Box::new(reply::error(
+                StatusCode::BAD_REQUEST,
+                "bad request",
+                "expected a WebSocket upgrade (missing Sec-WebSocket-Key)",
+            ))
+        })
+}
+
 /// Handles `GET /_ferry/v1/connect`.
 pub(crate) fn connect(relay: &Arc<Relay>, mut req: Request<Incoming>) -> Response<RelayBody> {
     let Some(token) = req
@@ -49,6 +95,10 @@ pub(crate) fn connect(relay: &Arc<Relay>, mut req: Request<Incoming>) -> Respons
             "invalid token; check --token / FERRY_TOKEN against the relay's tokens",
         );
     };
+    let key = match websocket_key(&req) {
+        Ok(key) => key,
+        Err(refused) => return *refused,
+    };
     let offered: Vec<String> = req
         .headers()
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
@@ -64,31 +114,15 @@ pub(crate) fn connect(relay: &Arc<Relay>, mut req: Request<Incoming>) -> Respons
             .cloned()
             .unwrap_or_else(|| "none".to_owned());
         warn!(client = %theirs, relay = SUBPROTOCOL, "refused a client speaking another protocol version");
+        let detail = if offered.iter().any(|p| p.starts_with(SUBPROTOCOL_PREFIX)) {
+            format!("client speaks protocol {theirs}, this relay speaks {SUBPROTOCOL}; install the same Ferry version on both sides")
+        } else {
+            format!("the WebSocket offered no Ferry protocol (Sec-WebSocket-Protocol); this relay speaks {SUBPROTOCOL}: connect with `ferry listen`")
+        };
         return reply::error(
             StatusCode::BAD_REQUEST,
             "protocol version mismatch",
-            &format!(
-                "client speaks protocol {theirs}, this relay speaks {SUBPROTOCOL}; install the same Ferry version on both sides"
-            ),
-        );
-    }
-    let is_upgrade = req
-        .headers()
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
-        return reply::error(
-            StatusCode::BAD_REQUEST,
-            "bad request",
-            "expected a WebSocket upgrade (missing Sec-WebSocket-Key)",
-        );
-    };
-    if !is_upgrade {
-        return reply::error(
-            StatusCode::UPGRADE_REQUIRED,
-            "upgrade required",
-            "expected 'Upgrade: websocket'",
+            &detail,
         );
     }
     let upgrade = hyper::upgrade::on(&mut req);

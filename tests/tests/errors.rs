@@ -65,6 +65,35 @@ async fn relay_paths_are_never_routed_to_sessions() {
     .await;
     assert_eq!(status, 401);
     assert_eq!(json(&body)["error"], "unauthorized");
+    let bearer = format!("Bearer {TOKEN}");
+    let (status, headers, body) = send(
+        Method::GET,
+        &format!("{}/_ferry/v1/connect", relay.url()),
+        &[("authorization", &bearer)],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(status, 426, "a plain request with a good token");
+    assert_eq!(headers["upgrade"], "websocket");
+    assert!(json(&body)["detail"]
+        .as_str()
+        .unwrap()
+        .contains("ferry listen"));
+    let old_websocket = format!(
+        "GET /_ferry/v1/connect HTTP/1.1\r\nhost: r\r\nauthorization: {bearer}\r\n\
+         connection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 8\r\n\
+         sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-protocol: ferry.v1\r\n\r\n"
+    );
+    let response = parse_response(&raw_http(relay.addr, old_websocket.as_bytes()).await).unwrap();
+    assert_eq!(response.status, 426);
+    assert_eq!(response.header("sec-websocket-version"), Some(&b"13"[..]));
+    let no_protocol = old_websocket
+        .replace("sec-websocket-version: 8", "sec-websocket-version: 13")
+        .replace("sec-websocket-protocol: ferry.v1\r\n", "");
+    let response = parse_response(&raw_http(relay.addr, no_protocol.as_bytes()).await).unwrap();
+    assert_eq!(response.status, 400);
+    let detail = json(&response.body)["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains("no Ferry protocol"), "{detail}");
 }
 
 #[tokio::test]
