@@ -52,7 +52,7 @@ impl Refusal {
                 detail: "this relay speaks HTTP/1.0, HTTP/1.1 and HTTP/2",
             },
             httparse::Error::Version => {
-                Refusal::bad("malformed request line: the HTTP version is not HTTP/1.x")
+                Refusal::bad("malformed request line: the version must be HTTP/1.1 or HTTP/1.0")
             }
             httparse::Error::Token => {
                 Refusal::bad("malformed request line: expected METHOD /target HTTP/1.1")

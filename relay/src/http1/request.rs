@@ -9,7 +9,7 @@ use http::{Method, Version};
 use super::refusal::{host_rule, Refusal};
 use crate::caller::{CallerBody, CallerHead, CallerHeaders, CallerRequest};
 
-/// Most header lines read (hyper's limit too: more is handed to it, and it answers `431`).
+/// Most header lines read (hyper's limit too): more is refused with `431`.
 pub(super) const MAX_HEADERS: usize = 100;
 
 /// Largest body read whole here; a longer one is streamed by hyper.
