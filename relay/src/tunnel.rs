@@ -108,16 +108,15 @@ pub(crate) fn connect(relay: &Arc<Relay>, mut req: Request<Incoming>) -> Respons
         .map(|p| p.trim().to_owned())
         .collect();
     if !offered.iter().any(|p| p == SUBPROTOCOL) {
-        let theirs = offered
-            .iter()
-            .find(|p| p.starts_with(SUBPROTOCOL_PREFIX))
-            .cloned()
-            .unwrap_or_else(|| "none".to_owned());
-        warn!(client = %theirs, relay = SUBPROTOCOL, "refused a client speaking another protocol version");
-        let detail = if offered.iter().any(|p| p.starts_with(SUBPROTOCOL_PREFIX)) {
-            format!("client speaks protocol {theirs}, this relay speaks {SUBPROTOCOL}; install the same Ferry version on both sides")
-        } else {
-            format!("the WebSocket offered no Ferry protocol (Sec-WebSocket-Protocol); this relay speaks {SUBPROTOCOL}: connect with `ferry listen`")
+        let theirs = offered.iter().find(|p| p.starts_with(SUBPROTOCOL_PREFIX));
+        warn!(
+            client = theirs.map_or("none", String::as_str),
+            relay = SUBPROTOCOL,
+            "refused a client speaking another protocol version"
+        );
+        let detail = match theirs {
+            Some(theirs) => format!("client speaks protocol {theirs}, this relay speaks {SUBPROTOCOL}; install the same Ferry version on both sides"),
+            None => format!("the WebSocket offered no Ferry protocol (Sec-WebSocket-Protocol); this relay speaks {SUBPROTOCOL}: connect with `ferry listen`"),
         };
         return reply::error(
             StatusCode::BAD_REQUEST,
