@@ -1,6 +1,7 @@
 //! A small client of the relay's history API (`/_ferry/v1/sessions/{session}/requests…`),
 //! used by `ferry history`, `ferry show` and `ferry replay`.
 
+use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -10,7 +11,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::tls::OpenError;
+use crate::tls::{OpenError, RelayTls};
 
 /// How long one API call may take, connection included.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -20,7 +21,8 @@ pub struct HistoryApi {
     base: String,
     token: String,
     session: String,
-    tls: bool,
+    /// How the relay's certificate is checked, for `https://`.
+    tls: Option<RelayTls>,
     host: String,
     port: u16,
 }
@@ -42,8 +44,14 @@ pub fn encode_component(text: &str) -> String {
 }
 
 impl HistoryApi {
-    /// A client of `relay` (its base URL) for `session`, authenticated with `token`.
-    pub fn new(relay: &str, token: &str, session: &str) -> Result<Self, String> {
+    /// A client of `relay` (its base URL) for `session`, authenticated with `token`;
+    /// `relay_ca` is a PEM file of certificates trusted besides the built-in roots.
+    pub fn new(
+        relay: &str,
+        token: &str,
+        session: &str,
+        relay_ca: Option<&Path>,
+    ) -> Result<Self, String> {
         let base = relay.trim().trim_end_matches('/').to_owned();
         let (scheme, rest) = base.split_once("://").ok_or_else(|| {
             format!("relay URL '{base}' needs a scheme, like http://relay.example.com")
@@ -70,6 +78,10 @@ impl HistoryApi {
             return Err(format!("relay URL '{base}' has no host"));
         }
         let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let tls = match tls {
+            true => Some(RelayTls::new(relay_ca).map_err(|e| format!("--relay-ca: {e}"))?),
+            false => None,
+        };
         Ok(HistoryApi {
             base,
             token: token.to_owned(),
@@ -117,11 +129,13 @@ impl HistoryApi {
 
     /// Opens a connection to the relay: TCP, then TLS for `https://`.
     async fn connect(&self) -> Result<Box<dyn Io>, String> {
-        let stream = crate::tls::open(&self.host, self.port, self.tls)
+        let stream = crate::tls::open(&self.host, self.port, self.tls.as_ref())
             .await
             .map_err(|e| match e {
                 OpenError::Tcp(e) => format!("cannot reach the relay at {}: {e}", self.base),
-                OpenError::Tls(e) => format!("{e} (relay {})", self.base),
+                OpenError::Certificate(e) | OpenError::Tls(e) => {
+                    format!("{e} (relay {})", self.base)
+                }
             })?;
         Ok(Box::new(stream))
     }
@@ -143,7 +157,7 @@ impl HistoryApi {
             "/_ferry/v1/sessions/{}/{rest}",
             encode_component(&self.session)
         );
-        let default_port = if self.tls { 443 } else { 80 };
+        let default_port = if self.tls.is_some() { 443 } else { 80 };
         let host = if self.host.contains(':') {
             format!("[{}]", self.host)
         } else {

@@ -21,7 +21,12 @@ pub async fn run_command(command: Command) -> Result<(), String> {
 }
 
 fn api(args: &RelayArgs) -> Result<HistoryApi, String> {
-    HistoryApi::new(&args.relay, &args.token, &args.session)
+    HistoryApi::new(
+        &args.relay,
+        &args.token,
+        &args.session,
+        args.relay_ca.as_deref(),
+    )
 }
 
 fn print(text: &str) -> Result<(), String> {

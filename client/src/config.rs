@@ -34,6 +34,11 @@ pub struct RelayArgs {
     #[arg(long, env = "FERRY_RELAY")]
     pub relay: String,
 
+    /// Also trust the certificates in this PEM file for an https:// relay (a self-signed or
+    /// private-CA certificate).
+    #[arg(long, env = "FERRY_RELAY_CA", value_name = "FILE")]
+    pub relay_ca: Option<PathBuf>,
+
     /// Token the relay accepts (the session owner's).
     #[arg(long, env = "FERRY_TOKEN", hide_env_values = true)]
     pub token: String,
@@ -101,6 +106,11 @@ pub struct ListenArgs {
     /// Relay base URL, e.g. https://relay.example.com.
     #[arg(long, env = "FERRY_RELAY")]
     pub relay: String,
+
+    /// Also trust the certificates in this PEM file for an https:// relay (a self-signed or
+    /// private-CA certificate).
+    #[arg(long, env = "FERRY_RELAY_CA", value_name = "FILE")]
+    pub relay_ca: Option<PathBuf>,
 
     /// Token the relay accepts.
     #[arg(long, env = "FERRY_TOKEN", hide_env_values = true)]

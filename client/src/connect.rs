@@ -15,7 +15,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use ferry_mux::{MuxIo, Side, WsMessage};
 
-use crate::tls::OpenError;
+use crate::tls::{OpenError, RelayTls};
 
 /// The relay's WebSocket.
 pub(crate) type RelaySocket = WebSocketStream<MuxIo<MaybeTlsStream<TcpStream>>>;
@@ -35,6 +35,10 @@ pub(crate) enum ConnectError {
     /// Worth another try later: relay unreachable, restarting, network down.
     #[error("{0}")]
     Transient(String),
+    /// The relay's TLS certificate was refused: a setting must change (`--relay-ca`), unless
+    /// the relay's certificate does (renewed after it expired, say).
+    #[error("{0}")]
+    Certificate(String),
 }
 
 /// The session the relay granted.
@@ -74,6 +78,7 @@ pub fn connect_url(relay: &str) -> Result<String, String> {
 /// Connects, authenticates and agrees on a session.
 pub(crate) async fn connect(
     url: &str,
+    tls: &RelayTls,
     token: &str,
     name: Option<&str>,
     resume: Option<&Resume>,
@@ -93,7 +98,7 @@ pub(crate) async fn connect(
     );
 
     let handshake = async {
-        let stream = open_stream(request.uri()).await?;
+        let stream = open_stream(request.uri(), tls).await?;
         tokio_tungstenite::client_async_with_config(
             request,
             MuxIo::new(stream, Side::Client),
@@ -195,17 +200,23 @@ pub(crate) async fn connect(
 }
 
 /// TCP to the relay, then TLS for `wss://`.
-async fn open_stream(uri: &http::Uri) -> Result<MaybeTlsStream<TcpStream>, ConnectError> {
+async fn open_stream(
+    uri: &http::Uri,
+    tls: &RelayTls,
+) -> Result<MaybeTlsStream<TcpStream>, ConnectError> {
     let host = uri
         .host()
         .ok_or_else(|| ConnectError::Fatal(format!("relay URL {uri} has no host")))?;
-    let tls = uri.scheme_str() == Some("wss");
-    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let tls = (uri.scheme_str() == Some("wss")).then_some(tls);
+    let port = uri
+        .port_u16()
+        .unwrap_or(if tls.is_some() { 443 } else { 80 });
     let bare_host = host.trim_start_matches('[').trim_end_matches(']');
     crate::tls::open(bare_host, port, tls)
         .await
         .map_err(|e| match e {
             OpenError::Tcp(e) => ConnectError::Transient(format!("IO error: {e}")),
+            OpenError::Certificate(e) => ConnectError::Certificate(e),
             OpenError::Tls(e) => ConnectError::Transient(e),
         })
 }

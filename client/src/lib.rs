@@ -40,6 +40,7 @@ pub use target::Target;
 
 use connect::{ConnectError, Welcome};
 use forward::Forwarder;
+use tls::RelayTls;
 
 /// Everything [`run`] needs.
 #[derive(Debug, Clone)]
@@ -70,6 +71,9 @@ pub struct ClientConfig {
     pub offline: Option<OfflinePolicy>,
     /// How the relay answers callers (`--respond-now`, `--deadline`); `None` keeps `pass`.
     pub respond: Option<RespondPolicy>,
+    /// A PEM file of certificates trusted for an `https://` relay besides the built-in roots
+    /// (`--relay-ca`): for a relay with a self-signed or private-CA certificate.
+    pub relay_ca: Option<PathBuf>,
 }
 
 impl ClientConfig {
@@ -87,6 +91,7 @@ impl ClientConfig {
             state_dir: None,
             offline: None,
             respond: None,
+            relay_ca: None,
         }
     }
 }
@@ -164,6 +169,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ClientError> {
     let url = connect_url(&config.relay).map_err(ClientError::Config)?;
+    let tls = RelayTls::new(config.relay_ca.as_deref())
+        .map_err(|e| ClientError::Config(format!("--relay-ca: {e}")))?;
     let forwarder = Arc::new(Forwarder::new(
         config.target.clone(),
         config.timeout,
@@ -186,6 +193,7 @@ pub async fn run(
         }
         let connecting = connect::connect(
             &url,
+            &tls,
             &config.token,
             config.name.as_deref(),
             resume.as_ref(),
@@ -269,6 +277,13 @@ pub async fn run(
                 message
             }
             Err(ConnectError::Transient(message)) => message,
+            // Refused before the first connection: a setting is wrong, and retrying cannot
+            // fix it. Refused after working: the relay's certificate changed (expired, say),
+            // which its operator may well fix, so keep trying and keep saying why.
+            Err(ConnectError::Certificate(message)) if !announced => {
+                return Err(ClientError::Refused(message))
+            }
+            Err(ConnectError::Certificate(message)) => message,
         };
         let attempt_no = attempt.max(1);
         let delay = if attempt == 0 {

@@ -67,6 +67,7 @@ async fn main_async(cli: Cli) -> Result<(), String> {
     config.respond = args.respond_policy();
     config.timeout = args.app_timeout();
     config.name = args.name;
+    config.relay_ca = args.relay_ca;
     config.heartbeat_timeout = args.heartbeat_timeout;
     config.offline = Some(args.offline.into());
     config.state_dir = Some(

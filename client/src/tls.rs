@@ -1,10 +1,50 @@
-//! Connections to the relay: TCP, then TLS for `https://` relays, with the Mozilla roots built in.
+//! Connections to the relay: TCP, then TLS for `https://` relays. The relay's certificate is
+//! checked against the Mozilla roots built in, plus the certificates of `--relay-ca` for a relay
+//! whose certificate is self-signed or from a private CA.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::MaybeTlsStream;
+
+/// How a connection to the relay checks the relay's certificate.
+#[derive(Debug, Clone)]
+pub(crate) struct RelayTls(Arc<rustls::ClientConfig>);
+
+impl RelayTls {
+    /// The built-in roots, plus every certificate in the PEM file `extra_ca` if given.
+    pub(crate) fn new(extra_ca: Option<&Path>) -> Result<RelayTls, String> {
+        let mut roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        if let Some(path) = extra_ca {
+            let shown = path.display();
+            let pem = std::fs::read(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+            let certs = rustls_pemfile::certs(&mut pem.as_slice())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("{shown} is not a PEM certificate file: {e}"))?;
+            if certs.is_empty() {
+                return Err(format!(
+                    "{shown} holds no certificate (expected PEM: -----BEGIN CERTIFICATE-----)"
+                ));
+            }
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("{shown} holds a certificate that cannot be used: {e}"))?;
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS set-up failed: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(RelayTls(Arc::new(config)))
+    }
+}
 
 /// Why a connection to the relay could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -12,7 +52,10 @@ pub(crate) enum OpenError {
     /// The TCP connection failed (relay down, wrong port, no network).
     #[error(transparent)]
     Tcp(std::io::Error),
-    /// The TLS handshake failed (or could not be set up).
+    /// The relay's certificate was refused: retrying will not change that, a setting must.
+    #[error("{0}")]
+    Certificate(String),
+    /// The TLS handshake failed otherwise (the connection dropped during it, say).
     #[error("{0}")]
     Tls(String),
 }
@@ -22,35 +65,45 @@ pub(crate) enum OpenError {
 pub(crate) async fn open(
     host: &str,
     port: u16,
-    tls: bool,
+    tls: Option<&RelayTls>,
 ) -> Result<MaybeTlsStream<TcpStream>, OpenError> {
     let tcp = TcpStream::connect((host, port))
         .await
         .map_err(OpenError::Tcp)?;
     let _ = tcp.set_nodelay(true);
-    if !tls {
+    let Some(tls) = tls else {
         return Ok(MaybeTlsStream::Plain(tcp));
-    }
-    let stream = handshake(host, tcp).await.map_err(OpenError::Tls)?;
+    };
+    let stream = handshake(tls, host, tcp).await?;
     Ok(MaybeTlsStream::Rustls(stream))
 }
 
-/// Runs a TLS handshake with `host` over `tcp`, checking its certificate against the built-in
-/// roots.
-async fn handshake(host: &str, tcp: TcpStream) -> Result<TlsStream<TcpStream>, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS set-up failed: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+/// Runs a TLS handshake with `host` over `tcp`.
+async fn handshake(
+    tls: &RelayTls,
+    host: &str,
+    tcp: TcpStream,
+) -> Result<TlsStream<TcpStream>, OpenError> {
     let name = rustls::pki_types::ServerName::try_from(host.to_owned())
-        .map_err(|_| format!("'{host}' is not a valid TLS server name"))?;
-    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .map_err(|_| OpenError::Certificate(format!("'{host}' is not a valid TLS server name")))?;
+    tokio_rustls::TlsConnector::from(tls.0.clone())
         .connect(name, tcp)
         .await
-        .map_err(|e| format!("TLS handshake with {host} failed: {e}"))
+        .map_err(|e| classify(host, e))
+}
+
+/// Tells a refused certificate (with what to do about it) from a handshake that broke off.
+fn classify(host: &str, err: std::io::Error) -> OpenError {
+    let refused = err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .filter(|e| matches!(e, rustls::Error::InvalidCertificate(_)));
+    match refused {
+        Some(cause) => OpenError::Certificate(format!(
+            "the certificate of {host} was not accepted ({cause}); if the relay's certificate \
+             is self-signed or from a private CA, pass that CA's certificate (PEM) with \
+             --relay-ca FILE"
+        )),
+        None => OpenError::Tls(format!("TLS handshake with {host} failed: {err}")),
+    }
 }

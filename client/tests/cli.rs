@@ -156,6 +156,35 @@ fn bad_arguments_exit_nonzero_naming_the_problem() {
     assert!(!wait_exit(&mut child).success());
     let text: Vec<String> = lines(child.stderr.take().unwrap()).iter().collect();
     assert!(text.join("\n").contains("invalid --name"), "{text:?}");
+
+    // A --relay-ca file that cannot be read is named, with the cause, before any connection.
+    for command in ["listen", "history"] {
+        let mut args = vec![command];
+        if command == "listen" {
+            args.push("3000");
+        } else {
+            args.extend(["--session", "s"]);
+        }
+        args.extend([
+            "--relay",
+            "https://127.0.0.1:9",
+            "--token",
+            "t",
+            "--relay-ca",
+            "/nonexistent/ca.pem",
+        ]);
+        let mut child = ferry(&args);
+        assert!(!wait_exit(&mut child).success());
+        let text = lines(child.stderr.take().unwrap())
+            .iter()
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(text.contains("--relay-ca"), "{command}: {text}");
+        assert!(
+            text.contains("cannot read /nonexistent/ca.pem"),
+            "{command}: {text}"
+        );
+    }
 }
 
 #[test]

@@ -175,13 +175,23 @@ pub async fn run(
             let _permit = permit;
             let result = match tls {
                 None => serve_connection(stream, relay, peer, &builder, watcher).await,
-                Some(tls) => match tls.accept(stream).await {
-                    Ok(stream) => serve_connection(stream, relay, peer, &builder, watcher).await,
-                    Err(err) => {
-                        debug!(%peer, %err, "TLS handshake failed");
-                        return;
+                // A caller gets as long for its TLS handshake as for a request's head: one
+                // that connects and stalls must not hold a connection slot for ever.
+                Some(tls) => {
+                    match tokio::time::timeout(http1::HEAD_TIMEOUT, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            serve_connection(stream, relay, peer, &builder, watcher).await
+                        }
+                        Ok(Err(err)) => {
+                            debug!(%peer, %err, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!(%peer, "TLS handshake not finished in time; closing");
+                            return;
+                        }
                     }
-                },
+                }
             };
             if let Err(err) = result {
                 debug!(%peer, %err, "connection ended with an error");

@@ -1,0 +1,195 @@
+//! A relay serving HTTPS itself (`--tls-cert`, `--tls-key`): callers reach the app over TLS with
+//! HTTP/1.1 or HTTP/2 (ALPN), the client connects with `wss://`, trusting the relay's
+//! self-signed certificate through `--relay-ca`; a client that does not trust it stops and says
+//! what to pass; a caller that opens a connection and never finishes its handshake is dropped.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ferry_client::ClientError;
+use ferry_tests::*;
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::AsyncReadExt as _;
+use tokio::net::TcpStream;
+
+/// A self-signed certificate for 127.0.0.1, its PEM files in a temporary directory.
+struct TestCert {
+    der: CertificateDer<'static>,
+    cert_pem: PathBuf,
+    key_pem: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TestCert {
+    fn new() -> TestCert {
+        let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cert_pem = dir.path().join("cert.pem");
+        let key_pem = dir.path().join("key.pem");
+        std::fs::write(&cert_pem, made.cert.pem()).unwrap();
+        std::fs::write(&key_pem, made.key_pair.serialize_pem()).unwrap();
+        TestCert {
+            der: made.cert.der().clone(),
+            cert_pem,
+            key_pem,
+            _dir: dir,
+        }
+    }
+
+    /// A relay serving HTTPS with this certificate, loaded from its PEM files.
+    async fn relay(&self) -> TestRelay {
+        let tls = ferry_relay::tls::server_config(&self.cert_pem, &self.key_pem).unwrap();
+        TestRelay::start_with(|config| {
+            config.public_url = config.public_url.replace("http://", "https://");
+            config.public_scheme = "https".to_owned();
+            config.tls = Some(tls);
+        })
+        .await
+    }
+
+    /// A caller's TLS connection to `addr`, offering `alpn`.
+    async fn connect(
+        &self,
+        addr: std::net::SocketAddr,
+        alpn: &[u8],
+    ) -> TokioIo<tokio_rustls::client::TlsStream<TcpStream>> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.der.clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(alpn));
+        TokioIo::new(tls)
+    }
+}
+
+fn https_client_config(
+    relay: &TestRelay,
+    target: &str,
+    cert: &TestCert,
+) -> ferry_client::ClientConfig {
+    let mut config = client_config(&format!("https://{}", relay.addr), target);
+    config.relay_ca = Some(cert.cert_pem.clone());
+    config
+}
+
+fn post(uri: &str, body: &'static str) -> http::Request<Full<Bytes>> {
+    http::Request::post(uri)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn https_callers_reach_the_app_over_http1_and_http2_through_a_tls_relay() {
+    let cert = TestCert::new();
+    let origin = Origin::start(Behaviour::Echo).await;
+    let relay = cert.relay().await;
+    let client = TestClient::start(https_client_config(
+        &relay,
+        &origin.addr().to_string(),
+        &cert,
+    ))
+    .await;
+    assert!(client.url.starts_with("https://"), "{}", client.url);
+
+    // HTTP/1.1 over TLS.
+    let io = cert.connect(relay.addr, b"http/1.1").await;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(connection);
+    let uri = format!("/{}/hook?over=h1", client.session);
+    let mut request = post(&uri, "{\"over\":\"h1\"}");
+    let host = relay.addr.to_string().parse().unwrap();
+    request.headers_mut().insert(http::header::HOST, host);
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"{\"over\":\"h1\"}");
+    let seen = origin.next_request().await;
+    assert_eq!(seen.uri, "/hook?over=h1");
+    assert_eq!(seen.header_str("x-forwarded-proto"), Some("https"));
+
+    // HTTP/2 over TLS, as browsers and most providers speak it.
+    let io = cert.connect(relay.addr, b"h2").await;
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let uri = format!(
+        "https://127.0.0.1:{}/{}/hook?over=h2",
+        relay.addr.port(),
+        client.session
+    );
+    let response = sender
+        .send_request(post(&uri, "{\"over\":\"h2\"}"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"{\"over\":\"h2\"}");
+    assert_eq!(origin.next_request().await.uri, "/hook?over=h2");
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_trust_the_relays_certificate_stops_and_says_what_to_pass() {
+    let cert = TestCert::new();
+    let relay = cert.relay().await;
+    let mut config = https_client_config(&relay, "127.0.0.1:9", &cert);
+    config.relay_ca = None;
+    let Err(ClientError::Refused(message)) = TestClient::spawn(config).finished().await else {
+        panic!("the client should stop, refused");
+    };
+    assert!(message.contains("certificate"), "{message}");
+    assert!(message.contains("--relay-ca"), "{message}");
+}
+
+#[tokio::test]
+async fn a_relay_ca_file_that_is_not_a_certificate_is_named() {
+    let cert = TestCert::new();
+    let relay = cert.relay().await;
+    let mut config = https_client_config(&relay, "127.0.0.1:9", &cert);
+    config.relay_ca = Some(cert.key_pem.clone());
+    let Err(ClientError::Config(message)) = TestClient::spawn(config).finished().await else {
+        panic!("the client should stop at its configuration");
+    };
+    assert!(message.contains("--relay-ca"), "{message}");
+    assert!(message.contains("key.pem"), "{message}");
+    assert!(message.contains("no certificate"), "{message}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_that_never_finishes_its_tls_handshake_is_dropped() {
+    let cert = TestCert::new();
+    let relay = cert.relay().await;
+    for sent in [&b""[..], b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"] {
+        let mut caller = TcpStream::connect(relay.addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut caller, sent)
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        // The clock is paused: it moves on only while every task waits, so this returns when
+        // the relay gives up on the handshake, at the head timeout.
+        let read = tokio::time::timeout(Duration::from_secs(60), caller.read(&mut [0u8; 64]))
+            .await
+            .expect("the relay still held the connection after a minute");
+        assert!(
+            matches!(read, Ok(0) | Err(_)),
+            "the relay answered a handshake that never finished: {read:?}"
+        );
+        assert!(started.elapsed() >= Duration::from_secs(10));
+    }
+}
