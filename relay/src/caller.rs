@@ -1,6 +1,8 @@
 //! A caller's request as the public handlers take it, read by hyper or by the relay's own
 //! HTTP/1 path (`http1`): the same handler serves both.
 
+use std::error::Error as _;
+use std::fmt;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -139,16 +141,59 @@ impl CallerBody {
     }
 }
 
+/// Why a caller's streamed body could not be read, in words the caller can act on: hyper's own
+/// message ("error reading a body from connection") leaves out the cause.
+#[derive(Debug)]
+pub(crate) struct CallerBodyError(hyper::Error);
+
+impl fmt::Display for CallerBodyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = None;
+        let mut next = self.0.source();
+        while let Some(inner) = next {
+            cause = Some(inner);
+            next = inner.source();
+        }
+        let io = cause.and_then(|c| c.downcast_ref::<std::io::Error>());
+        match (io.map(std::io::Error::kind), cause) {
+            (Some(std::io::ErrorKind::UnexpectedEof), _) => {
+                f.write_str("the connection closed before the whole body arrived")
+            }
+            (Some(std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData), Some(c)) => {
+                write!(
+                    f,
+                    "malformed chunked body: {}",
+                    lowercase_first(&c.to_string())
+                )
+            }
+            (_, Some(c)) => write!(f, "cannot read the request body: {c}"),
+            (_, None) => write!(f, "cannot read the request body: {}", self.0),
+        }
+    }
+}
+
+impl std::error::Error for CallerBodyError {}
+
+fn lowercase_first(text: &str) -> String {
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
 impl Body for CallerBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = CallerBodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, CallerBodyError>>> {
         match self.get_mut() {
-            CallerBody::Streaming(body) => Pin::new(body).poll_frame(cx),
+            CallerBody::Streaming(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|frame| frame.map(|result| result.map_err(CallerBodyError))),
             CallerBody::Whole(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         }
     }

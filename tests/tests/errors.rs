@@ -5,6 +5,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use ferry_tests::*;
 use http::Method;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 fn json(body: &[u8]) -> serde_json::Value {
     serde_json::from_slice(body)
@@ -283,19 +284,62 @@ async fn an_app_that_drops_the_connection_gives_502() {
 }
 
 #[tokio::test]
-async fn a_malformed_chunked_body_is_400_and_the_tunnel_carries_on() {
+async fn a_malformed_or_cut_short_body_is_400_naming_the_fault_and_the_tunnel_carries_on() {
     let (relay, origin) = (
         TestRelay::start().await,
         Origin::start(Behaviour::Echo).await,
     );
     let client = TestClient::start(client_config(&relay.url(), &origin.addr().to_string())).await;
-    let request = format!(
-        "POST /{}/x HTTP/1.1\r\nhost: r\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
-        client.session
-    );
-    let response = parse_response(&raw_http_to_eof(relay.addr, request.as_bytes()).await).unwrap();
-    assert_eq!(response.status, 400);
-    assert_eq!(json(&response.body)["error"], "bad request body");
+    let head = |framing: &str| {
+        format!(
+            "POST /{}/hook HTTP/1.1\r\nhost: r\r\n{framing}\r\n\r\n",
+            client.session
+        )
+    };
+    let chunked = head("transfer-encoding: chunked");
+    let cases = [
+        (
+            format!("{chunked}5\r\nhello\r\nzz\r\n"),
+            "malformed chunked body",
+        ),
+        (
+            format!("{chunked}zz\r\nabc\r\n0\r\n\r\n"),
+            "malformed chunked body",
+        ),
+        (
+            format!("{chunked}ffffffffffffffffffff\r\n"),
+            "malformed chunked body",
+        ),
+        (
+            format!("{chunked}3\r\nabcXX0\r\n\r\n"),
+            "malformed chunked body",
+        ),
+        // A body longer than the relay reads whole, so hyper streams it; the caller stops
+        // sending (and closes its side) a few bytes in.
+        (
+            format!("{}abc", head("content-length: 1000000")),
+            "closed before the whole body arrived",
+        ),
+    ];
+    for (input, words) in cases {
+        // Everything is sent, then the caller's side of the connection closed.
+        let mut caller = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+        caller.write_all(input.as_bytes()).await.unwrap();
+        caller.shutdown().await.unwrap();
+        let mut raw = Vec::new();
+        tokio::time::timeout(WAIT_TIMEOUT, caller.read_to_end(&mut raw))
+            .await
+            .expect("an answer, then the close")
+            .unwrap();
+        let shown = &input[input.len().saturating_sub(40)..];
+        let response = parse_response(&raw)
+            .unwrap_or_else(|| panic!("{shown:?} -> {:?}", String::from_utf8_lossy(&raw)));
+        assert_eq!(response.status, 400, "{shown:?}");
+        let body = json(&response.body);
+        assert_eq!(body["error"], "bad request body");
+        let detail = body["detail"].as_str().unwrap();
+        assert!(detail.contains(words), "{shown:?} -> {detail}");
+    }
     let (status, _, _) = send(Method::POST, &format!("{}/after", client.url), &[], "{}").await;
     assert_eq!(status, 200);
 }
