@@ -133,7 +133,7 @@ impl HistoryApi {
             .await
             .map_err(|e| match e {
                 OpenError::Tcp(e) => format!("cannot reach the relay at {}: {e}", self.base),
-                OpenError::Certificate(e) | OpenError::Tls(e) => {
+                OpenError::Setting(e) | OpenError::Tls(e) => {
                     format!("{e} (relay {})", self.base)
                 }
             })?;
@@ -181,10 +181,18 @@ impl HistoryApi {
             .await
             .map_err(|e| format!("cannot talk to the relay at {}: {e}", self.base))?;
         let driver = tokio::spawn(connection);
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| format!("cannot reach the relay at {}: {}", self.base, innermost(&e)))?;
+        let response = sender.send_request(request).await.map_err(|e| {
+            let hint = if e.is_parse() && self.tls.is_none() {
+                "; it did not answer in HTTP: if it serves HTTPS, use an https:// relay URL"
+            } else {
+                ""
+            };
+            format!(
+                "cannot reach the relay at {}: {}{hint}",
+                self.base,
+                innermost(&e)
+            )
+        })?;
         let status = response.status();
         let body = response
             .into_body()

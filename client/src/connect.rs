@@ -35,10 +35,11 @@ pub(crate) enum ConnectError {
     /// Worth another try later: relay unreachable, restarting, network down.
     #[error("{0}")]
     Transient(String),
-    /// The relay's TLS certificate was refused: a setting must change (`--relay-ca`), unless
-    /// the relay's certificate does (renewed after it expired, say).
+    /// A setting does not fit the relay (its certificate refused, `https://` for a plain
+    /// relay or the other way round): a setting must change, unless the relay's does (a
+    /// certificate renewed after it expired, say).
     #[error("{0}")]
-    Certificate(String),
+    Setting(String),
 }
 
 /// The session the relay granted.
@@ -97,6 +98,7 @@ pub(crate) async fn connect(
         HeaderValue::from_static(SUBPROTOCOL),
     );
 
+    let secure = request.uri().scheme_str() == Some("wss");
     let handshake = async {
         let stream = open_stream(request.uri(), tls).await?;
         tokio_tungstenite::client_async_with_config(
@@ -105,7 +107,7 @@ pub(crate) async fn connect(
             Some(ferry_mux::websocket_config()),
         )
         .await
-        .map_err(classify)
+        .map_err(|err| classify(err, secure))
     };
     let (mut ws, _response) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Err(_) => {
@@ -216,12 +218,14 @@ async fn open_stream(
         .await
         .map_err(|e| match e {
             OpenError::Tcp(e) => ConnectError::Transient(format!("IO error: {e}")),
-            OpenError::Certificate(e) => ConnectError::Certificate(e),
+            OpenError::Setting(e) => ConnectError::Setting(e),
             OpenError::Tls(e) => ConnectError::Transient(e),
         })
 }
 
-fn classify(err: tungstenite::Error) -> ConnectError {
+/// What a failed WebSocket handshake means for the user; `secure` when it went over TLS.
+fn classify(err: tungstenite::Error, secure: bool) -> ConnectError {
+    use tungstenite::error::ProtocolError;
     match err {
         tungstenite::Error::Http(response) => {
             let status = response.status();
@@ -248,6 +252,13 @@ fn classify(err: tungstenite::Error) -> ConnectError {
             ))
         }
         tungstenite::Error::Url(err) => ConnectError::Fatal(format!("invalid relay URL: {err}")),
+        // What came back is not HTTP at all; over plain TCP that is most often a TLS server.
+        tungstenite::Error::Protocol(ProtocolError::HttparseError(err)) if !secure => {
+            ConnectError::Setting(format!(
+                "the relay did not answer in HTTP ({err}): if it serves HTTPS, use an https:// \
+                 relay URL"
+            ))
+        }
         other => ConnectError::Transient(other.to_string()),
     }
 }

@@ -277,13 +277,13 @@ pub async fn run(
                 message
             }
             Err(ConnectError::Transient(message)) => message,
-            // Refused before the first connection: a setting is wrong, and retrying cannot
-            // fix it. Refused after working: the relay's certificate changed (expired, say),
-            // which its operator may well fix, so keep trying and keep saying why.
-            Err(ConnectError::Certificate(message)) if !announced => {
+            // Before the first connection: a setting is wrong, and retrying cannot fix it.
+            // After working: the relay changed (its certificate expired, say), which its
+            // operator may well fix, so keep trying and keep saying why.
+            Err(ConnectError::Setting(message)) if !announced => {
                 return Err(ClientError::Refused(message))
             }
-            Err(ConnectError::Certificate(message)) => message,
+            Err(ConnectError::Setting(message)) => message,
         };
         let attempt_no = attempt.max(1);
         let delay = if attempt == 0 {

@@ -26,14 +26,28 @@ struct TestCert {
 
 impl TestCert {
     fn new() -> TestCert {
-        let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+        Self::made(false)
+    }
+
+    /// Marked as a CA (`basicConstraints CA:TRUE`), as `openssl req -x509` makes them.
+    fn marked_as_ca() -> TestCert {
+        Self::made(true)
+    }
+
+    fn made(ca: bool) -> TestCert {
+        let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+        if ca {
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let cert_pem = dir.path().join("cert.pem");
         let key_pem = dir.path().join("key.pem");
-        std::fs::write(&cert_pem, made.cert.pem()).unwrap();
-        std::fs::write(&key_pem, made.key_pair.serialize_pem()).unwrap();
+        std::fs::write(&cert_pem, cert.pem()).unwrap();
+        std::fs::write(&key_pem, key.serialize_pem()).unwrap();
         TestCert {
-            der: made.cert.der().clone(),
+            der: cert.der().clone(),
             cert_pem,
             key_pem,
             _dir: dir,
@@ -158,6 +172,32 @@ async fn a_client_that_does_not_trust_the_relays_certificate_stops_and_says_what
 }
 
 #[tokio::test]
+async fn a_self_signed_certificate_marked_as_a_ca_is_accepted_as_given_with_relay_ca() {
+    // The usual check refuses a CA certificate as a server's own; given with --relay-ca, the
+    // very certificate the relay presents is accepted.
+    let cert = TestCert::marked_as_ca();
+    let origin = Origin::start(Behaviour::Echo).await;
+    let relay = cert.relay().await;
+    let client = TestClient::start(https_client_config(
+        &relay,
+        &origin.addr().to_string(),
+        &cert,
+    ))
+    .await;
+    // Ready: the WebSocket handshake and the hello went over TLS with this certificate.
+    assert!(client.url.starts_with("https://"), "{}", client.url);
+
+    // Another certificate of the same kind in --relay-ca does not let this relay through.
+    let other = TestCert::marked_as_ca();
+    let mut config = https_client_config(&relay, &origin.addr().to_string(), &other);
+    config.relay_ca = Some(other.cert_pem.clone());
+    let Err(ClientError::Refused(message)) = TestClient::spawn(config).finished().await else {
+        panic!("a relay presenting a certificate nobody trusts must be refused");
+    };
+    assert!(message.contains("certificate"), "{message}");
+}
+
+#[tokio::test]
 async fn a_relay_ca_file_that_is_not_a_certificate_is_named() {
     let cert = TestCert::new();
     let relay = cert.relay().await;
@@ -192,4 +232,40 @@ async fn a_caller_that_never_finishes_its_tls_handshake_is_dropped() {
         );
         assert!(started.elapsed() >= Duration::from_secs(10));
     }
+}
+
+#[tokio::test]
+async fn the_wrong_scheme_for_the_relay_is_named_with_the_right_one() {
+    let cert = TestCert::new();
+    let tls_relay = cert.relay().await;
+    let plain_relay = TestRelay::start().await;
+
+    // http:// to a relay that serves HTTPS.
+    let config = client_config(&format!("http://{}", tls_relay.addr), "127.0.0.1:9");
+    let Err(ClientError::Refused(message)) = TestClient::spawn(config).finished().await else {
+        panic!("the client should stop");
+    };
+    assert!(message.contains("use an https://"), "{message}");
+    let api =
+        ferry_client::api::HistoryApi::new(&format!("http://{}", tls_relay.addr), TOKEN, "s", None)
+            .unwrap();
+    let message = api.list("").await.unwrap_err();
+    assert!(message.contains("use an https://"), "{message}");
+
+    // https:// to a relay that serves plain HTTP.
+    let mut config = client_config(&format!("https://{}", plain_relay.addr), "127.0.0.1:9");
+    config.relay_ca = Some(cert.cert_pem.clone());
+    let Err(ClientError::Refused(message)) = TestClient::spawn(config).finished().await else {
+        panic!("the client should stop");
+    };
+    assert!(message.contains("use an http://"), "{message}");
+    let api = ferry_client::api::HistoryApi::new(
+        &format!("https://{}", plain_relay.addr),
+        TOKEN,
+        "s",
+        None,
+    )
+    .unwrap();
+    let message = api.list("").await.unwrap_err();
+    assert!(message.contains("use an http://"), "{message}");
 }
