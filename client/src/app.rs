@@ -1,4 +1,5 @@
-//! Connections to the local app: HTTP/1.1 over TCP, kept alive and reused.
+//! Connections to the local app: HTTP/1.1 over TCP (or TLS for an `https://` target,
+//! `app/stream.rs`), kept alive and reused.
 //!
 //! The client writes each request and reads each answer itself (`http1.rs` has the bytes). A
 //! forwarding task checks a connection out, writes the request head in one write (with the
@@ -11,7 +12,6 @@
 
 use std::future::Future;
 use std::io::{self, IoSlice};
-use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{ready, Context, Poll};
@@ -23,8 +23,12 @@ use futures_util::FutureExt;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
+
+mod stream;
+
+pub(crate) use stream::AppTls;
+use stream::{AppRead, AppWrite};
 
 use crate::http1::{
     self, Chunk, ChunkedDecoder, Parsed, RequestFraming, ResponseError, ResponseFraming,
@@ -52,6 +56,9 @@ pub(crate) enum AppError {
     /// No TCP connection (refused, unresolvable host, timed out).
     #[error("cannot connect: {0}")]
     Connect(io::Error),
+    /// Connected, but the TLS handshake of an `https://` target failed.
+    #[error("{0}")]
+    Tls(String),
     /// The connection failed during the exchange (reset, closed before the answer).
     #[error(transparent)]
     Io(io::Error),
@@ -104,26 +111,20 @@ pub(crate) struct AppResponse {
 /// halves from the start, so that a request body can go on being written while the answer is
 /// read (an app may answer before it has read the whole body, or echo it as it comes).
 pub(crate) struct AppConnection {
-    read: OwnedReadHalf,
-    write: OwnedWriteHalf,
+    read: AppRead,
+    write: AppWrite,
     read_buf: BytesMut,
 }
 
 /// The rest of a request body, still being written when the answer began; it gives the write
 /// half back when done.
-type Upload = Pin<Box<dyn Future<Output = (Result<(), AppError>, OwnedWriteHalf)> + Send>>;
+type Upload = Pin<Box<dyn Future<Output = (Result<(), AppError>, AppWrite)> + Send>>;
 
 impl AppConnection {
     /// Whether the app has not closed the connection (nor sent anything unasked) while it sat
-    /// idle. One `recv(MSG_PEEK)`: an idle connection whose close the runtime has not yet seen
-    /// would otherwise take the next request and lose it.
+    /// idle ([`AppRead::still_open`]).
     fn still_open(&self) -> bool {
-        let mut probe = [MaybeUninit::<u8>::uninit(); 1];
-        let tcp: &TcpStream = self.read.as_ref();
-        matches!(
-            socket2::SockRef::from(tcp).peek(&mut probe),
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock
-        )
+        self.read.still_open()
     }
 
     /// Reads the response head, writing the rest of the request body (if any) meanwhile; what
@@ -278,6 +279,8 @@ where
             write_all_pieces(io, &mut batch)
                 .await
                 .map_err(AppError::Io)?;
+            // Over TLS, what is written may wait in the session until flushed.
+            io.flush().await.map_err(AppError::Io)?;
         }
         Ok(())
     }
@@ -395,10 +398,10 @@ enum BodyState {
 /// Polling it also drives what is left of the request body's upload.
 pub(crate) struct AppResponseBody {
     /// `None` once the connection broke.
-    read: Option<OwnedReadHalf>,
+    read: Option<AppRead>,
     read_buf: BytesMut,
     /// Back once the request body has been written whole.
-    write: Option<OwnedWriteHalf>,
+    write: Option<AppWrite>,
     upload: Option<Upload>,
     state: BodyState,
     keep_alive: bool,
@@ -537,7 +540,10 @@ struct Idle {
 
 /// The pool of connections to one app (`host:port`), shared by every forwarded request.
 pub(crate) struct AppConnections {
+    /// `host:port` to connect to.
     authority: String,
+    /// TLS on each connection, for an `https://` target.
+    tls: Option<AppTls>,
     /// Idle connections, the most recently used last.
     idle: Mutex<Vec<Idle>>,
     max_idle: usize,
@@ -546,17 +552,19 @@ pub(crate) struct AppConnections {
 }
 
 impl AppConnections {
-    /// A pool for the app at `authority` that keeps at most `max_idle` idle connections, each
-    /// for at most `idle_timeout`. Must be called within a tokio runtime: a task closes
-    /// connections idle for longer (it ends with the pool).
+    /// A pool for the app at `authority` (`host:port`), over `tls` if given, that keeps at most
+    /// `max_idle` idle connections, each for at most `idle_timeout`. Must be called within a
+    /// tokio runtime: a task closes connections idle for longer (it ends with the pool).
     pub(crate) fn new(
         authority: String,
+        tls: Option<AppTls>,
         max_idle: usize,
         idle_timeout: Duration,
         connect_timeout: Duration,
     ) -> Arc<Self> {
         let pool = Arc::new(AppConnections {
             authority,
+            tls,
             idle: Mutex::new(Vec::new()),
             max_idle,
             idle_timeout,
@@ -588,7 +596,11 @@ impl AppConnections {
                 Some(conn) => (conn, true),
                 None => (self.connect().await?, false),
             };
-            match conn.write.write_all(&head).await {
+            let written = match conn.write.write_all(&head).await {
+                Ok(()) => conn.write.flush().await,
+                Err(err) => Err(err),
+            };
+            match written {
                 Ok(()) => return conn.answer(body, head_request).await,
                 Err(_) if reused => continue, // closed while idle, unnoticed
                 Err(err) => return Err(AppError::Io(err)),
@@ -643,20 +655,21 @@ impl AppConnections {
     }
 
     async fn connect(&self) -> Result<AppConnection, AppError> {
-        let tcp = tokio::time::timeout(
-            self.connect_timeout,
-            TcpStream::connect(self.authority.as_str()),
-        )
-        .await
-        .map_err(|_| {
-            AppError::Connect(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no answer within {}s", self.connect_timeout.as_secs()),
-            ))
-        })?
-        .map_err(AppError::Connect)?;
-        let _ = tcp.set_nodelay(true);
-        let (read, write) = tcp.into_split();
+        let opened = async {
+            let tcp = TcpStream::connect(self.authority.as_str())
+                .await
+                .map_err(AppError::Connect)?;
+            let _ = tcp.set_nodelay(true);
+            stream::split(tcp, self.tls.as_ref()).await
+        };
+        let (read, write) = tokio::time::timeout(self.connect_timeout, opened)
+            .await
+            .map_err(|_| {
+                AppError::Connect(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no answer within {}s", self.connect_timeout.as_secs()),
+                ))
+            })??;
         Ok(AppConnection {
             read,
             write,

@@ -13,7 +13,7 @@ use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 use tracing::debug;
 
-use crate::app::{AppConnections, AppRequest, AppResponse};
+use crate::app::{AppConnections, AppRequest, AppResponse, AppTls};
 use crate::dedupe::{DeliveredIds, Seen};
 use crate::events::{millis, Event, RequestEvent};
 use crate::http1;
@@ -35,25 +35,34 @@ pub const DUPLICATE_HEADER: &str = "ferry-duplicate";
 
 impl Forwarder {
     /// Must be called within a tokio runtime (the pool of connections to the app starts a task).
-    pub(crate) fn new(target: Target, timeout: Duration, events: mpsc::Sender<Event>) -> Self {
+    pub(crate) fn new(
+        target: Target,
+        timeout: Duration,
+        events: mpsc::Sender<Event>,
+    ) -> Result<Self, String> {
         // Every request in flight may hold a connection to the app; keep them all for reuse
         // (a smaller pool would close and reopen connections under a burst: at 128 concurrent
         // requests and 64 kept, 5,000 new connections in 3 s and a third less throughput).
         // Bounded by the streams a tunnel carries at once; idle ones close after 30 s.
+        let tls = match target.is_tls() {
+            true => Some(AppTls::new(target.host())?),
+            false => None,
+        };
         let app = AppConnections::new(
-            target.authority().to_string(),
+            target.connect_to(),
+            tls,
             ferry_mux::MAX_STREAMS,
             Duration::from_secs(30),
             Duration::from_secs(10),
         );
-        Forwarder {
+        Ok(Forwarder {
             target,
             timeout,
             app,
             events,
             next_id: AtomicU64::new(1),
             delivered: Mutex::new(None),
-        }
+        })
     }
 
     /// Uses `ids` to remember delivered ids from now on (after a welcome).

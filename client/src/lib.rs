@@ -171,11 +171,10 @@ pub async fn run(
     let url = connect_url(&config.relay).map_err(ClientError::Config)?;
     let tls = RelayTls::new(config.relay_ca.as_deref())
         .map_err(|e| ClientError::Config(format!("--relay-ca: {e}")))?;
-    let forwarder = Arc::new(Forwarder::new(
-        config.target.clone(),
-        config.timeout,
-        events.clone(),
-    ));
+    let forwarder = Arc::new(
+        Forwarder::new(config.target.clone(), config.timeout, events.clone())
+            .map_err(|e| ClientError::Config(format!("target {}: {e}", config.target)))?,
+    );
     let mut shutdown = std::pin::pin!(shutdown);
     let mut resume: Option<Resume> = None;
     let mut dedupe_session: Option<String> = None;

@@ -12,16 +12,18 @@ pub struct TargetError {
     reason: String,
 }
 
-/// Where webhooks are forwarded: `http://AUTHORITY[PREFIX]`.
+/// Where webhooks are forwarded: `http://AUTHORITY[PREFIX]` or `https://AUTHORITY[PREFIX]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
+    /// Whether the app is spoken to over TLS (`https://`).
+    tls: bool,
     authority: Authority,
     /// Path prefix without a trailing slash (`/webhooks`), or empty.
     prefix: String,
 }
 
 impl Target {
-    /// Parses `3000`, `host:port`, or `http://host:port/prefix`.
+    /// Parses `3000`, `host:port`, or `http(s)://host[:port]/prefix`.
     pub fn parse(input: &str) -> Result<Target, TargetError> {
         let err = |reason: &str| TargetError {
             input: input.to_owned(),
@@ -39,6 +41,7 @@ impl Target {
                 Err(_) => return Err(err(OUT_OF_RANGE)),
             };
             return Ok(Target {
+                tls: false,
                 authority: Authority::try_from(format!("localhost:{port}"))
                     .map_err(|_| err("bad port"))?,
                 prefix: String::new(),
@@ -50,16 +53,15 @@ impl Target {
             format!("http://{input_trimmed}")
         };
         let uri: Uri = with_scheme.parse().map_err(|_| err("not a valid URL"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
-                return Err(err(
-                    "https targets are not supported yet; point ferry at the app's plain-HTTP port",
-                ))
-            }
-            _ => return Err(err("only http:// targets are supported")),
-        }
+        let tls = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err(err("only http:// and https:// targets are supported")),
+        };
         let authority = uri.authority().cloned().ok_or_else(|| err("no host"))?;
+        if tls && rustls::pki_types::ServerName::try_from(bare_host(&authority)).is_err() {
+            return Err(err("that host is not a name TLS can check"));
+        }
         if authority.as_str().contains('@') {
             return Err(err("credentials in the URL are not supported"));
         }
@@ -78,12 +80,35 @@ impl Target {
             return Err(err("a target cannot have a query string"));
         }
         let prefix = uri.path().trim_end_matches('/').to_owned();
-        Ok(Target { authority, prefix })
+        Ok(Target {
+            tls,
+            authority,
+            prefix,
+        })
     }
 
-    /// The `host:port` the client connects to and sends as `Host`.
+    /// The `host[:port]` the client sends as `Host`, as the user gave it.
     pub fn authority(&self) -> &Authority {
         &self.authority
+    }
+
+    /// Whether the app is spoken to over TLS (an `https://` target).
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// The host, without the brackets of an IPv6 address.
+    pub fn host(&self) -> &str {
+        bare_host(&self.authority)
+    }
+
+    /// The `host:port` the client connects to: the port given, or the scheme's (80, 443).
+    pub fn connect_to(&self) -> String {
+        let port = self
+            .authority
+            .port_u16()
+            .unwrap_or(if self.tls { 443 } else { 80 });
+        format!("{}:{port}", self.authority.host())
     }
 
     /// The URI for a request whose path and query below the session are `rest` (exactly as the
@@ -92,7 +117,7 @@ impl Target {
     pub fn uri_for(&self, rest: &str) -> Result<Uri, String> {
         let path_and_query = self.path_for(rest)?;
         Uri::builder()
-            .scheme("http")
+            .scheme(if self.tls { "https" } else { "http" })
             .authority(self.authority.clone())
             .path_and_query(path_and_query)
             .build()
@@ -117,8 +142,16 @@ impl Target {
 
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "http://{}{}", self.authority, self.prefix)
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}{}", self.authority, self.prefix)
     }
+}
+
+fn bare_host(authority: &Authority) -> &str {
+    authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
 }
 
 #[cfg(test)]
@@ -151,13 +184,37 @@ mod tests {
             "65536",
             "localhost:99999",
             "ftp://x:1",
-            "https://localhost:3000",
             "localhost",
             "http://u:p@h:1",
             "http://h:1/?q=1",
         ] {
             assert!(Target::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn https_targets_and_default_ports() {
+        let https = Target::parse("https://localhost:8443/hooks/").unwrap();
+        assert!(https.is_tls());
+        assert_eq!(https.to_string(), "https://localhost:8443/hooks");
+        assert_eq!(https.connect_to(), "localhost:8443");
+        assert_eq!(
+            https.uri_for("/a?b=1").unwrap().to_string(),
+            "https://localhost:8443/hooks/a?b=1"
+        );
+        let default_tls = Target::parse("https://app.test/x").unwrap();
+        assert_eq!(default_tls.connect_to(), "app.test:443");
+        assert_eq!(default_tls.authority().as_str(), "app.test");
+        let default_plain = Target::parse("http://localhost/webhooks").unwrap();
+        assert!(!default_plain.is_tls());
+        assert_eq!(default_plain.connect_to(), "localhost:80");
+        let v6 = Target::parse("https://[::1]:8443").unwrap();
+        assert_eq!(v6.host(), "::1");
+        assert_eq!(v6.connect_to(), "[::1]:8443");
+        assert_eq!(
+            Target::parse("3000").unwrap().connect_to(),
+            "localhost:3000"
+        );
     }
 
     #[test]

@@ -269,3 +269,104 @@ async fn the_wrong_scheme_for_the_relay_is_named_with_the_right_one() {
     let message = api.list("").await.unwrap_err();
     assert!(message.contains("use an http://"), "{message}");
 }
+
+/// An HTTPS app on 127.0.0.1 with `cert`: echoes each request's body, with its path in
+/// `x-path`; counts the TLS connections it accepted.
+async fn https_app(cert: &TestCert) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let config = ferry_relay::tls::server_config(&cert.cert_pem, &cert.key_pem).unwrap();
+    let mut config = (*config).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let service = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let path = req.uri().to_string();
+                        let body = req.into_body().collect().await?.to_bytes();
+                        let response = http::Response::builder()
+                            .header("x-path", path)
+                            .body(Full::new(body))
+                            .unwrap();
+                        Ok::<_, hyper::Error>(response)
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (addr, connections)
+}
+
+#[tokio::test]
+async fn an_https_app_on_this_machine_is_reached_over_tls_and_its_connections_reused() {
+    // A self-signed certificate marked as a CA, as local dev servers have: not checked for an
+    // app on this machine.
+    let cert = TestCert::marked_as_ca();
+    let (app, connections) = https_app(&cert).await;
+    let relay = TestRelay::start().await;
+    let client = TestClient::start(client_config(
+        &relay.url(),
+        &format!("https://127.0.0.1:{}/hooks", app.port()),
+    ))
+    .await;
+    let big = Bytes::from(pattern(0, 3 << 20));
+    for (path, body) in [
+        ("/a?x=1", Bytes::from_static(b"{\"first\":true}")),
+        ("/b", big.clone()),
+        ("/c", Bytes::from_static(b"third")),
+    ] {
+        let (status, headers, echoed) = send(
+            http::Method::POST,
+            &format!("{}{path}", client.url),
+            &[],
+            body.clone(),
+        )
+        .await;
+        assert_eq!(status, 200, "{path}");
+        assert_eq!(headers["x-path"], format!("/hooks{path}"));
+        assert_eq!(echoed.len(), body.len(), "{path}");
+        assert!(echoed == body, "{path}: the body came back changed");
+    }
+    assert_eq!(
+        connections.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one TLS connection, kept alive and reused"
+    );
+}
+
+#[tokio::test]
+async fn an_https_app_that_fails_the_handshake_gives_502_naming_it() {
+    // A plain-HTTP app given as an https:// target.
+    let origin = Origin::start(Behaviour::Echo).await;
+    let relay = TestRelay::start().await;
+    let client = TestClient::start(client_config(
+        &relay.url(),
+        &format!("https://127.0.0.1:{}", origin.addr().port()),
+    ))
+    .await;
+    let (status, _, body) = send(
+        http::Method::POST,
+        &format!("{}/x", client.url),
+        &[],
+        Bytes::from_static(b"{}"),
+    )
+    .await;
+    assert_eq!(status, 502);
+    let detail = String::from_utf8_lossy(&body);
+    assert!(detail.contains("https://127.0.0.1"), "{detail}");
+    assert!(detail.contains("did not answer in TLS"), "{detail}");
+    assert!(detail.contains("use an http:// target"), "{detail}");
+}

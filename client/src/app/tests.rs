@@ -61,7 +61,13 @@ async fn app(per_conn: usize, answer: &'static [u8]) -> (String, Arc<AtomicUsize
 const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
 
 fn pool(addr: String) -> Arc<AppConnections> {
-    AppConnections::new(addr, 8, Duration::from_secs(30), Duration::from_secs(5))
+    AppConnections::new(
+        addr,
+        None,
+        8,
+        Duration::from_secs(30),
+        Duration::from_secs(5),
+    )
 }
 
 fn request<B>(method: &str, headers: &[(&str, &[u8])], has_body: bool, body: B) -> AppRequest<B> {
@@ -169,7 +175,7 @@ async fn a_connection_the_app_dropped_while_idle_is_replaced() {
 #[tokio::test]
 async fn connections_idle_too_long_are_not_used() {
     let (addr, accepted) = app(0, OK).await;
-    let pool = AppConnections::new(addr, 8, Duration::ZERO, Duration::from_secs(5));
+    let pool = AppConnections::new(addr, None, 8, Duration::ZERO, Duration::from_secs(5));
     ask(&pool, get()).await;
     ask(&pool, get()).await;
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
