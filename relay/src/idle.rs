@@ -3,12 +3,15 @@
 //! hyper closes an HTTP/1 connection that sends no request head within `HEAD_TIMEOUT`, but an
 //! HTTP/2 connection with no stream open stays with it for ever: a caller could hold every
 //! connection slot with connections that only ever sent a preface. [`IdleIo`] notes when bytes
-//! last moved either way; [`Activity::idle`] completes once none have for a given time, and
-//! the connection is then dropped. Any traffic at all (a request, a body chunk, a ping) counts.
+//! moved either way; [`Activity::idle`] completes once none have for a given time, and the
+//! connection is then dropped. Any traffic at all (a request, a body chunk, a ping) counts. The
+//! same watch ends an exchange that stalls with its connection: a caller that stops reading
+//! its answer, or an app that stops in the middle of one, would otherwise hold the connection
+//! and the tunnel's stream for ever.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -16,36 +19,36 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-/// When bytes last moved on one connection.
-#[derive(Debug)]
+/// Whether bytes moved on one connection since its watch last looked.
+#[derive(Debug, Default)]
 pub(crate) struct Activity {
-    start: Instant,
-    /// Milliseconds from `start` to the last read or write that moved bytes.
-    last_ms: AtomicU64,
+    /// Set by every read or write that moves bytes (a plain store: this is on every
+    /// request's path), cleared by [`Activity::idle`] when it looks.
+    moved: AtomicBool,
 }
 
 impl Activity {
     pub(crate) fn new() -> Arc<Activity> {
-        Arc::new(Activity {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        })
+        Arc::default()
     }
 
     fn touch(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
+        self.moved.store(true, Ordering::Relaxed);
     }
 
-    /// Completes once no byte has moved for `limit`.
+    /// Completes once no byte has moved for `limit`, noticed within a quarter of it: it
+    /// looks every `limit / 4`, so it completes between `limit` and `limit * 5 / 4` after the
+    /// last byte.
     pub(crate) async fn idle(&self, limit: Duration) {
+        let step = limit / 4;
+        let mut quiet_since = Instant::now();
         loop {
-            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let deadline = self.start + last + limit;
-            if Instant::now() >= deadline {
+            tokio::time::sleep(step).await;
+            if self.moved.swap(false, Ordering::Relaxed) {
+                quiet_since = Instant::now();
+            } else if quiet_since.elapsed() >= limit {
                 return;
             }
-            tokio::time::sleep_until(deadline).await;
         }
     }
 }
@@ -127,23 +130,24 @@ mod tests {
         let activity = Activity::new();
         let mut io = IdleIo::new(near, activity.clone());
         let limit = Duration::from_secs(60);
-        let started = Instant::now();
-        // Traffic every 40 s for two minutes keeps it from completing.
-        for _ in 0..3 {
+        let watch = tokio::spawn({
+            let activity = activity.clone();
+            async move {
+                activity.idle(limit).await;
+                Instant::now()
+            }
+        });
+        // A byte each way every 40 s, for over three times the limit: not idle.
+        for _ in 0..5 {
             tokio::time::sleep(Duration::from_secs(40)).await;
             far.write_all(b"x").await.unwrap();
             let _ = io.read(&mut [0u8; 8]).await.unwrap();
-            assert!(
-                tokio::time::timeout(Duration::from_secs(1), activity.idle(limit))
-                    .await
-                    .is_err(),
-                "idle while bytes moved"
-            );
+            io.write_all(b"y").await.unwrap();
+            assert!(!watch.is_finished(), "idle while bytes moved");
         }
-        io.write_all(b"y").await.unwrap();
-        let wrote = Instant::now();
-        activity.idle(limit).await;
-        assert_eq!(wrote.elapsed(), limit);
-        assert!(started.elapsed() >= Duration::from_secs(180));
+        let last = Instant::now();
+        let done = watch.await.unwrap();
+        assert!(done - last >= limit, "{:?}", done - last);
+        assert!(done - last <= limit * 5 / 4, "{:?}", done - last);
     }
 }

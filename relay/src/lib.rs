@@ -229,23 +229,26 @@ async fn serve_connection<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let io = match http1::serve(io, &relay, peer).await {
-        http1::Served::Closed => return Ok(()),
-        http1::Served::Handoff(io) => io,
-    };
     // Never below the wait for an answer's head, so a caller waiting for a slow app is not cut.
     let idle_limit = IDLE_TIMEOUT.max(relay.config.timeout + IDLE_TIMEOUT / 5);
     let activity = idle::Activity::new();
     let io = idle::IdleIo::new(io, activity.clone());
-    let service = service_fn(move |req| {
-        let relay = relay.clone();
-        async move { Ok::<_, Infallible>(route(relay, req, peer).await) }
-    });
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    // An upgraded connection (a tunnel) leaves `conn` when upgraded, and with it this watch:
-    // tunnels have heartbeats of their own.
+    let serving = async move {
+        let io = match http1::serve(io, &relay, peer).await {
+            http1::Served::Closed => return Ok(()),
+            http1::Served::Handoff(io) => io,
+        };
+        let service = service_fn(move |req| {
+            let relay = relay.clone();
+            async move { Ok::<_, Infallible>(route(relay, req, peer).await) }
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        watcher.watch(conn.into_owned()).await
+    };
+    // An upgraded connection (a tunnel) leaves `serving` when upgraded, and with it this
+    // watch: tunnels have heartbeats of their own.
     tokio::select! {
-        served = watcher.watch(conn.into_owned()) => served,
+        served = serving => served,
         _ = activity.idle(idle_limit) => {
             debug!(%peer, "no bytes either way for {idle_limit:?}; closing the connection");
             Ok(())
@@ -253,9 +256,11 @@ where
     }
 }
 
-/// A connection hyper serves (HTTP/2, or HTTP/1 while an exchange is under way) is closed once
-/// no byte has moved either way for this long (or the relay's `--timeout` and a minute, if
-/// longer). Idle HTTP/1 keep-alive connections close sooner, at [`http1::HEAD_TIMEOUT`].
+/// A connection on which no byte has moved either way for this long (or the relay's
+/// `--timeout` and a minute, if longer) is closed, whatever it was doing: an HTTP/2 connection
+/// with no stream open, a caller that stopped reading its answer, an app that stopped in the
+/// middle of one. It is noticed within a quarter of it. Idle HTTP/1 keep-alive connections
+/// close sooner, at [`http1::HEAD_TIMEOUT`].
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Prunes old history every `interval` until `stop`.
