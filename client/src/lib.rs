@@ -30,6 +30,7 @@ mod forward;
 mod http1;
 pub mod target;
 mod tls;
+mod verify;
 
 pub use commands::run_command;
 pub use config::{Cli, Command, HistoryArgs, ListenArgs, OfflineArg, RelayArgs, ShowArgs};

@@ -6,9 +6,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::{CertificateDer, ServerName};
 
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -22,31 +20,11 @@ impl RelayTls {
     /// The built-in roots, plus every certificate in the PEM file `extra_ca` if given: each is
     /// trusted as a CA, and a relay presenting exactly one of them is accepted as it is.
     pub(crate) fn new(extra_ca: Option<&Path>) -> Result<RelayTls, String> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        let extra = match extra_ca {
+            Some(path) => read_certificates(path)?,
+            None => Vec::new(),
         };
-        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS set-up failed: {e}"))?;
-        let Some(path) = extra_ca else {
-            let config = builder.with_root_certificates(roots).with_no_client_auth();
-            return Ok(RelayTls(Arc::new(config)));
-        };
-        let pinned = read_certificates(path)?;
-        for cert in &pinned {
-            // A certificate that cannot act as a CA (a self-signed one marked so, say) is
-            // still accepted by the pin below.
-            let _ = roots.add(cert.clone());
-        }
-        let chains =
-            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| format!("TLS set-up failed: {e}"))?;
-        let config = builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedOrChained { chains, pinned }))
-            .with_no_client_auth();
+        let config = crate::verify::client_config(crate::verify::Trust::Roots { extra })?;
         Ok(RelayTls(Arc::new(config)))
     }
 }
@@ -64,70 +42,6 @@ fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String
         ));
     }
     Ok(certs)
-}
-
-/// Accepts a relay whose certificate chains to a trusted root (the usual check, with the
-/// `--relay-ca` certificates among the roots), or whose certificate is byte for byte one of
-/// the `--relay-ca` certificates. The second is what makes a certificate from
-/// `openssl req -x509` work: it is marked as a CA, which the usual check refuses to accept
-/// as a server's own. Either way the relay must prove it holds the certificate's key (the
-/// handshake signature is checked as always), so nobody else can present it.
-#[derive(Debug)]
-struct PinnedOrChained {
-    chains: Arc<rustls::client::WebPkiServerVerifier>,
-    pinned: Vec<CertificateDer<'static>>,
-}
-
-impl ServerCertVerifier for PinnedOrChained {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let chained = self.chains.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        );
-        match chained {
-            Err(_)
-                if self
-                    .pinned
-                    .iter()
-                    .any(|pin| pin.as_ref() == end_entity.as_ref()) =>
-            {
-                Ok(ServerCertVerified::assertion())
-            }
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.chains.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.chains.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.chains.supported_verify_schemes()
-    }
 }
 
 /// Why a connection to the relay could not be opened.
