@@ -14,7 +14,7 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -22,7 +22,7 @@ use futures_util::future::Either;
 use futures_util::FutureExt;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 mod stream;
@@ -187,14 +187,15 @@ impl AppConnection {
                 upload,
                 state,
                 keep_alive: head.keep_alive,
+                acknowledged: false,
             },
         })
     }
 }
 
 /// Reads until a final response head is complete, skipping interim (`1xx`) answers.
-async fn read_head<R: AsyncRead + Unpin>(
-    io: &mut R,
+async fn read_head(
+    io: &mut AppRead,
     buf: &mut BytesMut,
     head_request: bool,
 ) -> Result<http1::ResponseHead, AppError> {
@@ -209,7 +210,8 @@ async fn read_head<R: AsyncRead + Unpin>(
                     buf.advance(len);
                     continue;
                 }
-                Parsed::Partial => {}
+                // Part of the head is in: the rest may wait for its acknowledgement.
+                Parsed::Partial => io.acknowledge_now(),
             }
         }
         buf.reserve(HEAD_READ);
@@ -405,6 +407,9 @@ pub(crate) struct AppResponseBody {
     upload: Option<Upload>,
     state: BodyState,
     keep_alive: bool,
+    /// Whether what arrived was acknowledged at once since the last read found nothing
+    /// ([`AppRead::acknowledge_now`]): once per wait, not on every poll.
+    acknowledged: bool,
 }
 
 impl AppResponseBody {
@@ -498,7 +503,20 @@ impl Body for AppResponseBody {
             if buf.capacity() - buf.len() < want.min(CHUNK) {
                 buf.reserve(want);
             }
-            let read = ready!(tokio_util::io::poll_read_buf(Pin::new(read), cx, buf));
+            let polled = tokio_util::io::poll_read_buf(Pin::new(&mut *read), cx, buf);
+            let read = match polled {
+                Poll::Ready(read) => {
+                    this.acknowledged = false;
+                    read
+                }
+                // The rest of the body may wait for the acknowledgement of what came before.
+                Poll::Pending if !this.acknowledged => {
+                    read.acknowledge_now();
+                    this.acknowledged = true;
+                    return Poll::Pending;
+                }
+                Poll::Pending => return Poll::Pending,
+            };
             match read {
                 Ok(0) if matches!(this.state, BodyState::UntilClose) => {
                     this.state = BodyState::Done;
