@@ -71,10 +71,21 @@ pub(crate) enum AppError {
 }
 
 impl AppError {
-    /// The cause in words, with a hint when the app does not seem to run.
-    pub(crate) fn describe(&self) -> String {
+    /// The cause in words, with a hint when the app does not seem to run, or, for a plain
+    /// `http://` target (`over_tls` false), seems to speak TLS: an HTTPS server given plain
+    /// HTTP resets the connection or closes it without an HTTP answer.
+    pub(crate) fn describe(&self, over_tls: bool) -> String {
         match self {
             AppError::Connect(err) => format!("{err} (is the app running?)"),
+            AppError::Io(err)
+                if !over_tls
+                    && matches!(
+                        err.kind(),
+                        io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof
+                    ) =>
+            {
+                format!("{err} (if the app serves HTTPS, use an https:// target)")
+            }
             other => other.to_string(),
         }
     }

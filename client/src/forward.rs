@@ -334,7 +334,7 @@ impl Forwarder {
         match tokio::time::timeout(self.timeout, self.app.send(request)).await {
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(err)) => {
-                let cause = err.describe();
+                let cause = err.describe(target.is_tls());
                 Err((
                     StatusCode::BAD_GATEWAY,
                     "local app unreachable",

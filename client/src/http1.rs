@@ -30,6 +30,9 @@ pub(crate) enum ResponseError {
     /// More than [`MAX_HEADERS`] header fields.
     #[error("the app's response has more than {MAX_HEADERS} headers")]
     TooManyHeaders,
+    /// The answer is a TLS record (an alert, say): the app serves HTTPS on a plain target.
+    #[error("the app answered in TLS: if it serves HTTPS, use an https:// target")]
+    Tls,
     /// `101 Switching Protocols`: the tunnel carries HTTP exchanges only.
     #[error("the app switched protocols (101), which ferry does not forward")]
     SwitchedProtocols,
@@ -184,6 +187,8 @@ pub(crate) fn parse_response_head(buf: &[u8], head_request: bool) -> Result<Pars
         }
         Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
         Err(httparse::Error::TooManyHeaders) => return Err(ResponseError::TooManyHeaders),
+        // A TLS record header: an alert (21) or handshake (22), version 3.x.
+        Err(_) if matches!(buf, [21 | 22, 3, ..]) => return Err(ResponseError::Tls),
         Err(err) => return Err(ResponseError::Malformed(malformed(err))),
     };
     if len > MAX_HEAD_BYTES {

@@ -370,3 +370,21 @@ async fn an_https_app_that_fails_the_handshake_gives_502_naming_it() {
     assert!(detail.contains("did not answer in TLS"), "{detail}");
     assert!(detail.contains("use an http:// target"), "{detail}");
 }
+
+#[tokio::test]
+async fn an_http_target_that_serves_https_gets_a_502_with_the_hint() {
+    let cert = TestCert::new();
+    let (app, _) = https_app(&cert).await;
+    let relay = TestRelay::start().await;
+    let client = TestClient::start(client_config(&relay.url(), &app.to_string())).await;
+    let (status, _, body) = send(
+        http::Method::POST,
+        &format!("{}/x", client.url),
+        &[],
+        Bytes::from_static(b"{}"),
+    )
+    .await;
+    assert_eq!(status, 502);
+    let detail = String::from_utf8_lossy(&body);
+    assert!(detail.contains("use an https:// target"), "{detail}");
+}

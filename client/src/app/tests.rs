@@ -189,9 +189,9 @@ async fn an_app_that_is_not_running_is_named() {
     let err = pool(addr).send(get()).await.err().unwrap();
     assert!(matches!(err, AppError::Connect(_)), "{err:?}");
     assert!(
-        err.describe().contains("is the app running?"),
+        err.describe(false).contains("is the app running?"),
         "{}",
-        err.describe()
+        err.describe(false)
     );
 }
 
@@ -388,7 +388,11 @@ async fn an_app_that_breaks_off_is_an_error_not_a_short_answer() {
     ] {
         let (addr, _) = app(1, answer).await;
         let err = pool(addr).send(get()).await.err().unwrap();
-        assert!(err.describe().contains(expected), "{}", err.describe());
+        assert!(
+            err.describe(false).contains(expected),
+            "{}",
+            err.describe(false)
+        );
     }
 }
 
@@ -568,4 +572,18 @@ async fn a_chunked_body_whose_end_comes_apart_from_its_data_is_ended() {
             String::from_utf8_lossy(&wire)
         );
     }
+}
+
+#[test]
+fn a_reset_or_a_close_without_an_answer_suggests_https_for_a_plain_target() {
+    for kind in [io::ErrorKind::ConnectionReset, io::ErrorKind::UnexpectedEof] {
+        let err = AppError::Io(io::Error::from(kind));
+        assert!(
+            err.describe(false).contains("use an https:// target"),
+            "{kind:?}"
+        );
+        assert!(!err.describe(true).contains("https://"), "{kind:?}");
+    }
+    let refused = AppError::Io(io::Error::from(io::ErrorKind::InvalidData));
+    assert!(!refused.describe(false).contains("https://"));
 }

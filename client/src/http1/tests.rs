@@ -284,7 +284,7 @@ fn the_body_is_framed_as_rfc_9112_says() {
 
 #[test]
 fn malformed_response_heads_are_named() {
-    let cases: [(&[u8], ResponseError); 6] = [
+    let cases: [(&[u8], ResponseError); 8] = [
         (
             b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
             ResponseError::BadContentLength,
@@ -308,6 +308,12 @@ fn malformed_response_heads_are_named() {
         (
             b"HTTP/1.1 000 Zero\r\n\r\n",
             ResponseError::Malformed("invalid status code"),
+        ),
+        // A TLS alert (an HTTPS app given plain HTTP) and a TLS handshake record.
+        (b"\x15\x03\x03\x00\x02\x02\x32", ResponseError::Tls),
+        (
+            b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00",
+            ResponseError::Tls,
         ),
     ];
     for (text, expected) in cases {
