@@ -97,6 +97,14 @@ impl Target {
         self.tls
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     /// The host, without the brackets of an IPv6 address.
     pub fn host(&self) -> &str {
         bare_host(&self.authority)
@@ -117,7 +125,7 @@ impl Target {
     pub fn uri_for(&self, rest: &str) -> Result<Uri, String> {
         let path_and_query = self.path_for(rest)?;
         Uri::builder()
-            .scheme(if self.tls { "https" } else { "http" })
+            .scheme(self.scheme())
             .authority(self.authority.clone())
             .path_and_query(path_and_query)
             .build()
@@ -142,8 +150,7 @@ impl Target {
 
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let scheme = if self.tls { "https" } else { "http" };
-        write!(f, "{scheme}://{}{}", self.authority, self.prefix)
+        write!(f, "{}://{}{}", self.scheme(), self.authority, self.prefix)
     }
 }
 

@@ -65,6 +65,16 @@ impl TestCert {
         .await
     }
 
+    /// An echoing origin, a relay serving HTTPS with this certificate, and a client connected
+    /// to it over wss that trusts the certificate through `--relay-ca`.
+    async fn tunnel(&self) -> (Origin, TestRelay, TestClient) {
+        let origin = Origin::start(Behaviour::Echo).await;
+        let relay = self.relay().await;
+        let config = https_client_config(&relay, &origin.addr().to_string(), self);
+        let client = TestClient::start(config).await;
+        (origin, relay, client)
+    }
+
     /// A caller's TLS connection to `addr`, offering `alpn`.
     async fn connect(
         &self,
@@ -111,14 +121,7 @@ fn post(uri: &str, body: &'static str) -> http::Request<Full<Bytes>> {
 #[tokio::test]
 async fn https_callers_reach_the_app_over_http1_and_http2_through_a_tls_relay() {
     let cert = TestCert::new();
-    let origin = Origin::start(Behaviour::Echo).await;
-    let relay = cert.relay().await;
-    let client = TestClient::start(https_client_config(
-        &relay,
-        &origin.addr().to_string(),
-        &cert,
-    ))
-    .await;
+    let (origin, relay, client) = cert.tunnel().await;
     assert!(client.url.starts_with("https://"), "{}", client.url);
 
     // HTTP/1.1 over TLS.
@@ -176,14 +179,7 @@ async fn a_self_signed_certificate_marked_as_a_ca_is_accepted_as_given_with_rela
     // The usual check refuses a CA certificate as a server's own; given with --relay-ca, the
     // very certificate the relay presents is accepted.
     let cert = TestCert::marked_as_ca();
-    let origin = Origin::start(Behaviour::Echo).await;
-    let relay = cert.relay().await;
-    let client = TestClient::start(https_client_config(
-        &relay,
-        &origin.addr().to_string(),
-        &cert,
-    ))
-    .await;
+    let (origin, relay, client) = cert.tunnel().await;
     // Ready: the WebSocket handshake and the hello went over TLS with this certificate.
     assert!(client.url.starts_with("https://"), "{}", client.url);
 
