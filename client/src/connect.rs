@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use ferry_protocol::{
-    Control, ErrorCode, OfflinePolicy, RespondPolicy, Resume, CONNECT_PATH, PROTOCOL_VERSION,
-    SUBPROTOCOL,
+    Control, ErrorCode, LaneJoin, OfflinePolicy, RespondPolicy, Resume, CONNECT_PATH,
+    PROTOCOL_VERSION, SUBPROTOCOL,
 };
 use futures_util::SinkExt;
 use http::{header, HeaderValue};
@@ -32,6 +32,10 @@ pub(crate) enum ConnectError {
     /// The resume secret was refused; a fresh session is needed.
     #[error("{0}")]
     ResumeRefused(String),
+    /// A lane landed on a relay thread that already serves the session: another connection
+    /// may land elsewhere.
+    #[error("{0}")]
+    LaneTaken(String),
     /// Worth another try later: relay unreachable, restarting, network down.
     #[error("{0}")]
     Transient(String),
@@ -52,6 +56,8 @@ pub(crate) struct Welcome {
     pub(crate) send_window: u32,
     /// Whether heads and window updates go both ways in binary form (the relay agreed).
     pub(crate) binary_control: bool,
+    /// The key that joins extra lanes to this connection, if the relay offers them.
+    pub(crate) lane_key: Option<String>,
 }
 
 /// The WebSocket URL of the relay's tunnel endpoint, from the URL the user gave.
@@ -76,15 +82,25 @@ pub fn connect_url(relay: &str) -> Result<String, String> {
     Ok(format!("{ws_scheme}://{authority}{CONNECT_PATH}"))
 }
 
-/// Connects, authenticates and agrees on a session.
+/// What a connection asks the relay for in its hello.
+pub(crate) enum Ask<'a> {
+    /// The session (claimed by name, resumed, or a fresh one), with its settings.
+    Session {
+        name: Option<&'a str>,
+        resume: Option<&'a Resume>,
+        offline: Option<OfflinePolicy>,
+        respond: Option<&'a RespondPolicy>,
+    },
+    /// One more lane of a live session.
+    Lane(&'a LaneJoin),
+}
+
+/// Connects, authenticates and agrees on a session (or joins one as a lane).
 pub(crate) async fn connect(
     url: &str,
     tls: &RelayTls,
     token: &str,
-    name: Option<&str>,
-    resume: Option<&Resume>,
-    offline: Option<OfflinePolicy>,
-    respond: Option<&RespondPolicy>,
+    ask: Ask<'_>,
 ) -> Result<(RelaySocket, Welcome), ConnectError> {
     let mut request = url
         .into_client_request()
@@ -119,19 +135,33 @@ pub(crate) async fn connect(
         Ok(Ok(ok)) => ok,
     };
 
+    let (name, resume, offline, respond, lane) = match ask {
+        Ask::Session {
+            name,
+            resume,
+            offline,
+            respond,
+        } => (
+            name.map(str::to_owned),
+            // A name is claimed again, never resumed.
+            resume.filter(|_| name.is_none()).cloned(),
+            offline,
+            respond.cloned(),
+            None,
+        ),
+        Ask::Lane(join) => (None, None, None, None, Some(join.clone())),
+    };
     let hello = Control::Hello {
         version: PROTOCOL_VERSION,
         agent: concat!("ferry/", env!("CARGO_PKG_VERSION")).to_owned(),
-        name: name.map(str::to_owned),
-        resume: if name.is_none() {
-            resume.cloned()
-        } else {
-            None
-        },
+        name,
+        resume,
         offline,
-        respond: respond.cloned(),
+        respond,
         window: Some(ferry_protocol::flow::STREAM_WINDOW),
         binary_control: Some(true),
+        lanes: Some(true),
+        lane,
     };
     let exchange = async {
         ws.send(Message::text(hello.encode()))
@@ -176,6 +206,7 @@ pub(crate) async fn connect(
             resume_secret,
             window,
             binary_control,
+            lane_key,
             ..
         }) => Ok((
             ws,
@@ -185,10 +216,12 @@ pub(crate) async fn connect(
                 resume_secret,
                 send_window: ferry_protocol::flow::peer_window(window),
                 binary_control: binary_control == Some(true),
+                lane_key,
             },
         )),
         Ok(Control::Error { code, message }) => Err(match code {
             ErrorCode::ResumeFailed => ConnectError::ResumeRefused(message),
+            ErrorCode::LaneTaken => ConnectError::LaneTaken(message),
             ErrorCode::ShuttingDown | ErrorCode::Overloaded => ConnectError::Transient(message),
             _ => ConnectError::Fatal(message),
         }),

@@ -25,7 +25,8 @@ pub(crate) struct Forwarder {
     pub(crate) timeout: Duration,
     app: Arc<AppConnections>,
     events: mpsc::Sender<Event>,
-    next_id: AtomicU64,
+    /// Numbers the console's requests, across lanes.
+    next_id: Arc<AtomicU64>,
     /// Delivery ids already handed to the app, for the current session.
     delivered: Mutex<Option<Arc<DeliveredIds>>>,
 }
@@ -60,7 +61,7 @@ impl Forwarder {
             timeout,
             app,
             events,
-            next_id: AtomicU64::new(1),
+            next_id: Arc::new(AtomicU64::new(1)),
             delivered: Mutex::new(None),
         })
     }
@@ -72,6 +73,16 @@ impl Forwarder {
 
     fn delivered(&self) -> Option<Arc<DeliveredIds>> {
         self.delivered.lock().expect("delivered lock").clone()
+    }
+
+    /// A forwarder for an extra lane: the same target, console numbering and delivered ids,
+    /// with connections to the app of its own (its pool's task runs on the lane's runtime, so
+    /// this must be called there).
+    pub(crate) fn for_lane(&self) -> Result<Forwarder, String> {
+        let mut lane = Forwarder::new(self.target.clone(), self.timeout, self.events.clone())?;
+        lane.next_id = self.next_id.clone();
+        *lane.delivered.get_mut().expect("delivered lock") = self.delivered();
+        Ok(lane)
     }
 
     /// Starts forwarding the request `head` announced on `mux`.

@@ -28,6 +28,7 @@ pub mod dedupe;
 pub mod events;
 mod forward;
 mod http1;
+mod lanes;
 pub mod target;
 mod tls;
 mod verify;
@@ -111,16 +112,23 @@ pub enum ClientError {
     TakenOver(String),
 }
 
-/// Client-side handler: request heads start forwards; relay errors are remembered.
+/// Client-side handler: request heads start forwards; relay errors are remembered; the relay's
+/// asks for lanes open them.
 struct ClientHandler {
     forwarder: Arc<Forwarder>,
     relay_error: Arc<Mutex<Option<(ErrorCode, String)>>>,
+    /// The connection's lanes, if the relay offered them (none on a lane itself).
+    lanes: Option<Arc<lanes::Lanes>>,
 }
 
 impl ControlHandler for ClientHandler {
     fn on_control(&self, mux: &MuxHandle, msg: Control) {
         match msg {
             Control::RequestHead(head) => self.forwarder.spawn(mux, head),
+            Control::OpenLane {} => match &self.lanes {
+                Some(lanes) => lanes.open(),
+                None => debug!("the relay asked for a lane it did not offer"),
+            },
             Control::Error { code, message } => {
                 *self.relay_error.lock().expect("error lock") = Some((code, message.clone()));
                 mux.close(&message);
@@ -195,10 +203,12 @@ pub async fn run(
             &url,
             &tls,
             &config.token,
-            config.name.as_deref(),
-            resume.as_ref(),
-            config.offline,
-            config.respond.as_ref(),
+            connect::Ask::Session {
+                name: config.name.as_deref(),
+                resume: resume.as_ref(),
+                offline: config.offline,
+                respond: config.respond.as_ref(),
+            },
         );
         let result = tokio::select! {
             _ = &mut shutdown => return Ok(()),
@@ -213,7 +223,9 @@ pub async fn run(
                     resume_secret,
                     send_window,
                     binary_control,
+                    lane_key,
                 } = welcome;
+                let session_id = session.clone();
                 resume = Some(Resume {
                     session: session.clone(),
                     secret: resume_secret,
@@ -238,9 +250,26 @@ pub async fn run(
                 };
                 let _ = events.send(event).await;
                 let relay_error = Arc::new(Mutex::new(None));
+                let lanes = lane_key.map(|key| {
+                    Arc::new(lanes::Lanes::new(
+                        &url,
+                        &tls,
+                        &config.token,
+                        ferry_protocol::LaneJoin {
+                            session: session_id.clone(),
+                            key,
+                        },
+                        forwarder.clone(),
+                        config.heartbeat_timeout,
+                        config.stats.clone(),
+                    ))
+                });
+                // The lanes close when this connection ends (or `run` returns).
+                let _lanes_stop = lanes.as_ref().map(|l| l.stop.clone().drop_guard());
                 let handler = ClientHandler {
                     forwarder: forwarder.clone(),
                     relay_error: relay_error.clone(),
+                    lanes,
                 };
                 let mux_config = MuxConfig {
                     heartbeat_timeout: config.heartbeat_timeout,
@@ -276,7 +305,7 @@ pub async fn run(
                 resume = None;
                 message
             }
-            Err(ConnectError::Transient(message)) => message,
+            Err(ConnectError::Transient(message) | ConnectError::LaneTaken(message)) => message,
             // Before the first connection: a setting is wrong, and retrying cannot fix it.
             // After working: the relay changed (its certificate expired, say), which its
             // operator may well fix, so keep trying and keep saying why.

@@ -90,6 +90,7 @@ pub struct MuxStats {
     peak_buffered: AtomicUsize,
     frames_received: AtomicU64,
     writes: AtomicU64,
+    connections: AtomicU64,
 }
 
 impl MuxStats {
@@ -111,6 +112,11 @@ impl MuxStats {
     /// socket takes it in parts): with many streams busy, far fewer than the frames sent.
     pub fn writes(&self) -> u64 {
         self.writes.load(Ordering::Relaxed)
+    }
+
+    /// Connections started with these counters (a session's connections and their lanes).
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
     }
 }
 
@@ -244,6 +250,12 @@ impl MuxHandle {
             .map_err(|_| MuxError::Closed(self.shared.close_reason()))
     }
 
+    /// Queues a connection-level control message if there is room now; a hint that may be
+    /// dropped when the connection is busy or closed (then `false`).
+    pub fn try_send_control(&self, msg: Control) -> bool {
+        self.out.try_send(self.shared.encode(&msg)).is_ok()
+    }
+
     /// Closes the connection: every open stream fails with `reason`.
     pub fn close(&self, reason: &str) {
         self.shared.close(reason);
@@ -318,6 +330,7 @@ impl Mux {
         H: ControlHandler,
     {
         let (out_tx, out_rx) = mpsc::channel(config.send_queue);
+        config.stats.connections.fetch_add(1, Ordering::Relaxed);
         if let Some(greeting) = greeting {
             out_tx
                 .try_send(Outgoing::Text(greeting.encode()))

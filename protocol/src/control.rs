@@ -132,6 +132,19 @@ pub struct Resume {
     pub secret: String,
 }
 
+/// A hello's request to carry requests of a live session on this connection too.
+///
+/// A relay that serves connections on several threads carries each caller's request through a
+/// connection served by the caller's own thread when the session has one (a *lane*), so that
+/// the threads work side by side instead of handing every request to one of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaneJoin {
+    /// The session id from [`Control::Welcome`].
+    pub session: String,
+    /// The `lane_key` from the same welcome.
+    pub key: String,
+}
+
 /// Machine-readable reason carried by [`Control::Error`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -150,6 +163,11 @@ pub enum ErrorCode {
     ShuttingDown,
     /// The relay has no room for another session.
     Overloaded,
+    /// A lane landed on a relay thread that already serves the session: try another
+    /// connection (it may land on another thread).
+    LaneTaken,
+    /// A lane's key does not match the session's live connection (it ended, or never was).
+    LaneRefused,
     /// A code this build does not know (sent by a newer peer).
     #[serde(other)]
     Unknown,
@@ -185,6 +203,13 @@ pub enum Control {
         /// ([`binary`](crate::binary)) and would like them so; absent means JSON only.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         binary_control: Option<bool>,
+        /// Whether the client opens extra lanes when asked ([`Control::OpenLane`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lanes: Option<bool>,
+        /// Join this connection, as an extra lane, to a session already live on another one;
+        /// then `name`, `resume`, `offline` and `respond` are ignored.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lane: Option<LaneJoin>,
     },
     /// Relay → client, answer to `Hello`: the session is live.
     Welcome {
@@ -204,6 +229,10 @@ pub enum Control {
         /// relay's yes to the client's `binary_control` (absent: JSON only, both ways).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         binary_control: Option<bool>,
+        /// The key that joins extra lanes to this connection ([`LaneJoin`]): sent when the
+        /// client offered `lanes` and the relay serves connections on more than one thread.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lane_key: Option<String>,
     },
     /// Relay → client: a request to forward.
     RequestHead(RequestHead),
@@ -223,6 +252,10 @@ pub enum Control {
         /// Why, for logs and error pages.
         reason: String,
     },
+    /// Relay → client: callers are arriving on a relay thread that has no connection of this
+    /// session; please open one more lane (see [`LaneJoin`]). Sent only to a client whose hello
+    /// said `lanes`, at most once per relay thread and connection.
+    OpenLane {},
     /// Either way: a connection-level error; the sender closes the connection after it.
     Error {
         /// What went wrong.
@@ -313,6 +346,7 @@ mod tests {
             agent: "a".into(),
             window: Some(crate::flow::STREAM_WINDOW),
             binary_control: None,
+            lane_key: None,
         };
         assert!(current.encode().contains(r#""window":1048576"#));
     }
@@ -391,29 +425,41 @@ mod tests {
                 proptest::option::of("[a-z0-9-]{3,20}"),
                 proptest::option::of((".*", ".*"))
             )
-                .prop_map(|(version, agent, name, resume)| Control::Hello {
-                    version,
-                    agent,
-                    name,
-                    resume: resume.map(|(session, secret)| Resume { session, secret }),
-                    offline: Some(OfflinePolicy::Reject),
-                    respond: Some(RespondPolicy::Now {
-                        status: Some(200),
-                        body: Some("{}".into()),
-                    }),
-                    window: Some(crate::flow::STREAM_WINDOW),
-                    binary_control: Some(true),
-                }),
+                .prop_map(
+                    |(version, agent, name, resume): (_, _, _, Option<(String, String)>)| {
+                        Control::Hello {
+                            version,
+                            agent,
+                            name,
+                            resume: resume
+                                .clone()
+                                .map(|(session, secret)| Resume { session, secret }),
+                            offline: Some(OfflinePolicy::Reject),
+                            respond: Some(RespondPolicy::Now {
+                                status: Some(200),
+                                body: Some("{}".into()),
+                            }),
+                            window: Some(crate::flow::STREAM_WINDOW),
+                            binary_control: Some(true),
+                            lanes: Some(true),
+                            lane: resume.as_ref().map(|(session, key)| LaneJoin {
+                                session: session.clone(),
+                                key: key.clone(),
+                            }),
+                        }
+                    }
+                ),
             (
                 ".*",
                 ".*",
                 ".*",
                 ".*",
                 proptest::option::of(any::<u32>()),
-                proptest::option::of(any::<bool>())
+                proptest::option::of(any::<bool>()),
+                proptest::option::of(".*")
             )
                 .prop_map(
-                    |(session, url, resume_secret, agent, window, binary_control)| {
+                    |(session, url, resume_secret, agent, window, binary_control, lane_key)| {
                         Control::Welcome {
                             session,
                             url,
@@ -421,9 +467,11 @@ mod tests {
                             agent,
                             window,
                             binary_control,
+                            lane_key,
                         }
                     }
                 ),
+            Just(Control::OpenLane {}),
             (
                 any::<u32>(),
                 "[A-Z]{1,10}",

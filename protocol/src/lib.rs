@@ -22,7 +22,7 @@ mod session;
 
 pub use binary::BinaryControlError;
 pub use control::{
-    Control, ControlError, Delivery, ErrorCode, HttpVersion, OfflinePolicy, RequestHead,
+    Control, ControlError, Delivery, ErrorCode, HttpVersion, LaneJoin, OfflinePolicy, RequestHead,
     RespondPolicy, ResponseHead, Resume,
 };
 pub use frame::{BinaryMessage, DataFrame, FrameError, FRAME_HEADER_LEN};

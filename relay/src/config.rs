@@ -80,8 +80,9 @@ pub struct Args {
     #[arg(long, value_parser = parse_size)]
     pub retention_max_bytes: Option<u64>,
 
-    /// Async worker threads. Default: one per CPU core but one (at least one), leaving a core
-    /// to the store's writer thread.
+    /// Threads serving connections, each over its own listening socket on the port; a
+    /// session's client opens a lane to each thread its callers arrive on. Default: one per
+    /// CPU core.
     #[arg(long, env = "FERRY_WORKERS", value_parser = clap::value_parser!(u16).range(1..))]
     pub workers: Option<u16>,
 

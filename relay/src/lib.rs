@@ -2,7 +2,8 @@
 //! session's tunnel to the client on the developer's machine.
 //!
 //! # Layout
-//! - [`run`] serves one listener until a shutdown signal, then drains.
+//! - [`run`] serves one listener until a shutdown signal, then drains; [`run_threads`] serves
+//!   several sockets of one port, each on a thread of its own ([`lanes`]).
 //! - `http1`: the relay's own HTTP/1.1 server for plain webhooks; every other request, and the
 //!   rest of its connection, goes to hyper (`serve_connection`).
 //! - `caller`: a caller's request as the handlers take it, from either server.
@@ -37,6 +38,7 @@ pub use delivery::{DELIVERY_AGE_HEADER, DELIVERY_ID_HEADER};
 mod headers;
 mod http1;
 mod idle;
+pub mod lanes;
 mod public;
 mod record;
 pub mod registry;
@@ -64,13 +66,16 @@ pub struct Relay {
     recorder: Option<record::Recorder>,
     /// Bytes of request bodies being read into memory to be queued (see `public::enqueue`).
     queue_memory: Arc<tokio::sync::Semaphore>,
+    /// Threads serving connections: lanes are offered when there is more than one.
+    threads: usize,
 }
 
 impl Relay {
     /// The relay's state for `config`, with `registry`'s sessions (its history recorder, if any,
     /// starts writing now).
-    fn new(config: RelayConfig, registry: Registry) -> Relay {
+    fn new(config: RelayConfig, registry: Registry, threads: usize) -> Relay {
         Relay {
+            threads,
             tokens: TokenSet::new(&config.tokens),
             registry,
             shutdown: CancellationToken::new(),
@@ -101,6 +106,39 @@ pub async fn run(
     config: RelayConfig,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    serve(listener, Vec::new(), config, shutdown).await
+}
+
+/// Like [`run`], over several listening sockets of one port ([`lanes::bind`]): the first is
+/// served on the calling runtime, each other one on a thread of its own running a
+/// single-threaded runtime, and sessions' clients are offered lanes ([`lanes`]).
+pub async fn run_threads(
+    mut listeners: Vec<std::net::TcpListener>,
+    config: RelayConfig,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    if listeners.is_empty() {
+        return Err(std::io::Error::other("no listening socket to serve"));
+    }
+    let first = listeners.remove(0);
+    first.set_nonblocking(true)?;
+    serve(TcpListener::from_std(first)?, listeners, config, shutdown).await
+}
+
+/// What every thread's accept loop shares.
+struct Serving {
+    relay: Arc<Relay>,
+    connections: Arc<Semaphore>,
+    builder: auto::Builder<TokioExecutor>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+async fn serve(
+    listener: TcpListener,
+    extra: Vec<std::net::TcpListener>,
+    config: RelayConfig,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
     let registry = Registry::new(config.max_sessions);
     if let Some(store) = &config.store {
         let sessions = store
@@ -125,7 +163,7 @@ pub async fn run(
             }
         }
     }
-    let relay = Arc::new(Relay::new(config, registry));
+    let relay = Arc::new(Relay::new(config, registry, 1 + extra.len()));
     if let Some(store) = relay.config.store.clone() {
         tokio::spawn(prune(
             store,
@@ -135,8 +173,6 @@ pub async fn run(
             relay.shutdown.clone(),
         ));
     }
-    let graceful = GracefulShutdown::new();
-    let connections = Arc::new(Semaphore::new(relay.config.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -144,16 +180,80 @@ pub async fn run(
         .header_read_timeout(http1::HEAD_TIMEOUT)
         .max_buf_size(http1::MAX_HEAD);
     builder.http2().max_concurrent_streams(100);
-    let builder = Arc::new(builder);
-    let tls = relay
-        .config
-        .tls
-        .clone()
-        .map(tokio_rustls::TlsAcceptor::from);
-    let mut shutdown = std::pin::pin!(shutdown);
+    let serving = Arc::new(Serving {
+        relay: relay.clone(),
+        connections: Arc::new(Semaphore::new(relay.config.max_connections)),
+        builder,
+        tls: relay
+            .config
+            .tls
+            .clone()
+            .map(tokio_rustls::TlsAcceptor::from),
+    });
+    // The other threads drain with this one, and run on until the tunnels are closed.
+    let exit = CancellationToken::new();
+    let mut threads = Vec::new();
+    for (index, listener) in extra.into_iter().enumerate() {
+        let serving = serving.clone();
+        let exit = exit.clone();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("ferry-relay-{}", index + 1))
+            .spawn(move || {
+                lanes::set_home(index + 1);
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(err) => {
+                        warn!(%err, "cannot start a relay thread's runtime");
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(listener) => {
+                            let stop = serving.relay.shutdown.clone();
+                            accept_loop(listener, &serving, stop.cancelled()).await;
+                        }
+                        Err(err) => warn!(%err, "cannot serve a listening socket"),
+                    }
+                    exit.cancelled().await;
+                });
+                drop(done_tx);
+            })?;
+        threads.push(done_rx);
+    }
+    accept_loop(listener, &serving, shutdown).await;
+    relay.shutdown.cancel();
+    for live in relay.registry.live_connections() {
+        live.mux
+            .close_with_error(ErrorCode::ShuttingDown, "the relay is shutting down")
+            .await;
+    }
+    exit.cancel();
+    for done in threads {
+        let _ = done.await;
+    }
+    info!("relay stopped");
+    Ok(())
+}
+
+/// Accepts and serves connections on `listener` until `stop` completes (or the relay shuts
+/// down); then lets this thread's in-flight exchanges finish for up to the grace period.
+async fn accept_loop(
+    listener: TcpListener,
+    serving: &Arc<Serving>,
+    stop: impl Future<Output = ()>,
+) {
+    let relay = &serving.relay;
+    let graceful = GracefulShutdown::new();
+    let mut stop = std::pin::pin!(stop);
     loop {
         let (stream, peer) = tokio::select! {
-            _ = &mut shutdown => break,
+            _ = &mut stop => break,
+            _ = relay.shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
@@ -163,25 +263,25 @@ pub async fn run(
                 }
             },
         };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
+        let Ok(permit) = serving.connections.clone().try_acquire_owned() else {
             debug!(%peer, "connection limit reached; refusing");
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let relay = relay.clone();
-        let builder = builder.clone();
+        let serving = serving.clone();
         let watcher = graceful.watcher();
-        let tls = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let result = match tls {
-                None => serve_connection(stream, relay, peer, &builder, watcher).await,
+            let relay = serving.relay.clone();
+            let builder = &serving.builder;
+            let result = match serving.tls.clone() {
+                None => serve_connection(stream, relay, peer, builder, watcher).await,
                 // A caller gets as long for its TLS handshake as for a request's head: one
                 // that connects and stalls must not hold a connection slot for ever.
                 Some(tls) => {
                     match tokio::time::timeout(http1::HEAD_TIMEOUT, tls.accept(stream)).await {
                         Ok(Ok(stream)) => {
-                            serve_connection(stream, relay, peer, &builder, watcher).await
+                            serve_connection(stream, relay, peer, builder, watcher).await
                         }
                         Ok(Err(err)) => {
                             debug!(%peer, %err, "TLS handshake failed");
@@ -200,21 +300,16 @@ pub async fn run(
         });
     }
     drop(listener);
-    relay.shutdown.cancel();
-    info!("shutting down: waiting for in-flight requests");
+    if !relay.shutdown.is_cancelled() {
+        relay.shutdown.cancel();
+        info!("shutting down: waiting for in-flight requests");
+    }
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(relay.config.grace) => {
             warn!(grace = ?relay.config.grace, "grace period over; dropping unfinished requests");
         }
     }
-    for live in relay.registry.live_connections() {
-        live.mux
-            .close_with_error(ErrorCode::ShuttingDown, "the relay is shutting down")
-            .await;
-    }
-    info!("relay stopped");
-    Ok(())
 }
 
 /// Serves one connection: plain webhooks by the relay's own HTTP/1 path, the rest (from the

@@ -19,21 +19,22 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.workers.map_or_else(default_workers, usize::from))
+    // This thread serves the first listening socket; `run_threads` starts one thread for each
+    // other one. Single-threaded runtimes: a connection stays on the thread that accepted it,
+    // and requests cross threads only where a session has no lane on the caller's thread.
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
         .block_on(run(args))
 }
 
-/// One worker per core but one: the store's writer thread is the relay's other busy thread, and
-/// on the small machines relays usually run on (1–2 vCPUs) extra workers mostly wake each other
-/// up (measured on 2 vCPUs: one worker halves the relay's CPU per request at low load and cuts
-/// p50 latency by ~45 µs, and carries 7 % more requests under load).
+/// One thread per core (see docs/DESIGN.md, "Lanes"): threads do not share work, so an idle
+/// one costs nothing, and under load each serves its share of the callers with a lane of
+/// their session.
 fn default_workers() -> usize {
     std::thread::available_parallelism()
-        .map(|n| n.get().saturating_sub(1).max(1))
+        .map(|n| n.get().min(ferry_relay::lanes::MAX_THREADS))
         .unwrap_or(1)
 }
 
@@ -50,15 +51,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         tokens
     };
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} (is the port in use? try --listen)",
-                args.listen
-            )
-        })?;
-    let local = listener.local_addr()?;
+    let threads = args.workers.map_or_else(default_workers, usize::from);
+    let listeners = ferry_relay::lanes::bind(args.listen, threads).with_context(|| {
+        format!(
+            "cannot listen on {} (is the port in use? try --listen)",
+            args.listen
+        )
+    })?;
+    let local = listeners[0].local_addr()?;
     let scheme = if args.tls_cert.is_some() {
         "https"
     } else {
@@ -115,7 +115,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "<token>"
         }
     );
-    ferry_relay::run(listener, config, shutdown).await?;
+    ferry_relay::run_threads(listeners, config, shutdown).await?;
     Ok(())
 }
 

@@ -71,7 +71,7 @@ pub(crate) async fn forward(
             &format!("no session '{session_id}' on this relay"),
         );
     };
-    let live = session.live();
+    let live = session.live_for_caller();
     let respond = match relay.config.store {
         Some(_) => session.respond_mode(),
         None => RespondMode::Pass,

@@ -16,14 +16,28 @@ use crate::store::{OfflinePolicy, RespondMode, SessionKind, SessionRecord};
 /// A session's id: a claimed name, or 128 random bits in URL-safe base64.
 pub type SessionId = String;
 
-/// The live tunnel connection serving a session.
+/// The live tunnel connection serving a session, or one of its extra lanes.
 #[derive(Clone)]
 pub struct Live {
     /// The multiplexed connection.
     pub mux: MuxHandle,
-    /// Tells this connection apart from the ones before and after it.
+    /// Tells the session's connection apart from the ones before and after it (a lane has
+    /// the generation of the connection it joined).
     pub generation: u64,
+    /// The relay thread whose runtime serves this connection's socket ([`crate::lanes`]).
+    pub home: usize,
     next_stream: Arc<AtomicU32>,
+}
+
+impl Live {
+    fn new(mux: MuxHandle, generation: u64, home: usize) -> Self {
+        Live {
+            mux,
+            generation,
+            home,
+            next_stream: Arc::new(AtomicU32::new(0)),
+        }
+    }
 }
 
 impl Live {
@@ -55,6 +69,32 @@ pub struct Session {
     pub(crate) queued: tokio::sync::Notify,
     /// Held by the session's delivery task, so only one drains the queue at a time.
     pub(crate) delivering: tokio::sync::Mutex<()>,
+    /// The extra lanes of the live connection.
+    lanes: Mutex<Lanes>,
+}
+
+/// The extra lanes of a session's live connection (see [`crate::lanes`]).
+#[derive(Default)]
+struct Lanes {
+    /// The generation they belong to; lanes of an older one are never used.
+    generation: u64,
+    /// Digest of the key that joins a lane to this generation, if lanes were offered.
+    key: Option<[u8; 32]>,
+    /// Lanes joined, at most one per relay thread (never the main connection's).
+    extra: Vec<Live>,
+    /// Relay threads the client was asked to open a lane for (bit per thread).
+    asked: u64,
+}
+
+/// Why a lane was not joined.
+#[derive(Debug, thiserror::Error)]
+pub enum LaneError {
+    /// The session is not live with that key (any more), or belongs to another token.
+    #[error("no live connection of session '{0}' takes this lane key")]
+    Refused(String),
+    /// This relay thread already serves the session.
+    #[error("this relay thread already serves session '{0}'; open another connection")]
+    Taken(String),
 }
 
 /// Whether a session has a backlog, and how many requests are being written to it now.
@@ -91,7 +131,43 @@ impl Session {
             queue: Mutex::new(QueueState::default()),
             queued: tokio::sync::Notify::new(),
             delivering: tokio::sync::Mutex::new(()),
+            lanes: Mutex::new(Lanes::default()),
         }
+    }
+
+    /// The connection a caller served by this relay thread should use: the session's lane on
+    /// this thread if it has one, else its main connection. When the main connection offered
+    /// lanes and none is on this thread, asks the client (once per thread) to open one.
+    pub fn live_for_caller(&self) -> Option<Live> {
+        let main = self.live()?;
+        let here = crate::lanes::home();
+        if main.home == here {
+            return Some(main);
+        }
+        let ask = {
+            let mut lanes = self.lanes.lock().expect("session lock");
+            if lanes.generation != main.generation || lanes.key.is_none() {
+                return Some(main);
+            }
+            if let Some(lane) = lanes.extra.iter().find(|l| l.home == here) {
+                if !lane.mux.is_closed() {
+                    return Some(lane.clone());
+                }
+            }
+            let bit = 1u64 << (here % 64);
+            let ask = lanes.asked & bit == 0;
+            lanes.asked |= bit;
+            ask
+        };
+        if ask
+            && !main
+                .mux
+                .try_send_control(ferry_protocol::Control::OpenLane {})
+        {
+            // Dropped (the connection is busy): a later caller asks again.
+            self.lanes.lock().expect("session lock").asked &= !(1u64 << (here % 64));
+        }
+        Some(main)
     }
 
     /// The connection serving the session now, if a client is connected.
@@ -174,6 +250,9 @@ pub struct Granted {
     pub resume_secret: String,
     /// The connection that held the session until now, to be closed.
     pub replaced: Option<Live>,
+    /// A fresh key that joins extra lanes to this claim's connection (only its digest is kept,
+    /// once the connection goes live with lanes).
+    pub lane_key: String,
     /// This claim's generation, for [`Registry::go_live`] and [`Registry::disconnect`].
     pub generation: u64,
 }
@@ -232,6 +311,7 @@ impl Registry {
     pub fn claim(&self, owner: TokenId, claim: Claim<'_>) -> Result<Granted, ClaimError> {
         let resume_secret = random_string(32);
         let digest = sha256(resume_secret.as_bytes());
+        let lane_key = random_string(32);
         let generation = self.generations.fetch_add(1, Ordering::Relaxed);
         let mut kind = SessionKind::Random;
         let (id, proof): (String, Option<&str>) = match claim {
@@ -295,35 +375,142 @@ impl Registry {
             resume_secret,
             replaced,
             generation,
+            lane_key,
         })
     }
 
-    /// Makes `mux` the session's connection, unless a newer claim came in meanwhile (then
-    /// returns false and the caller closes `mux`).
-    pub fn go_live(&self, session: &Session, generation: u64, mux: MuxHandle) -> bool {
+    /// Makes `mux` (served by relay thread `home`) the session's connection, unless a newer
+    /// claim came in meanwhile (then returns false and the caller closes `mux`). `lane_key`:
+    /// the key that may join extra lanes to it, if they were offered.
+    pub fn go_live(
+        &self,
+        session: &Session,
+        generation: u64,
+        mux: MuxHandle,
+        home: usize,
+        lane_key: Option<&str>,
+    ) -> bool {
         let mut live = session.live.lock().expect("session lock");
         if session.current.load(Ordering::Acquire) != generation {
             return false;
         }
-        *live = Some(Live {
-            mux,
-            generation,
-            next_stream: Arc::new(AtomicU32::new(0)),
-        });
+        *live = Some(Live::new(mux, generation, home));
+        let old = std::mem::replace(
+            &mut *session.lanes.lock().expect("session lock"),
+            Lanes {
+                generation,
+                key: lane_key.map(|k| sha256(k.as_bytes())),
+                ..Lanes::default()
+            },
+        );
+        drop(live);
+        close_lanes(old.extra);
         true
     }
 
-    /// Marks the session's connection as gone, unless a newer one already replaced it.
+    /// Whether a lane on relay thread `home` with `key` would join `session_id` now (checked
+    /// again by [`Registry::join_lane`]).
+    pub fn check_lane(
+        &self,
+        owner: TokenId,
+        session_id: &str,
+        key: &str,
+        home: usize,
+    ) -> Result<Arc<Session>, LaneError> {
+        let session = self
+            .get(session_id)
+            .ok_or_else(|| LaneError::Refused(session_id.to_owned()))?;
+        self.lane_slot(&session, owner, key, home)?;
+        Ok(session)
+    }
+
+    /// Joins `mux` (served by relay thread `home`) to `session`'s live connection as an extra
+    /// lane, if `owner` holds the session and `key` is its connection's lane key.
+    pub fn join_lane(
+        &self,
+        session: &Session,
+        owner: TokenId,
+        key: &str,
+        mux: MuxHandle,
+        home: usize,
+    ) -> Result<Live, LaneError> {
+        let generation = self.lane_slot(session, owner, key, home)?;
+        let lane = Live::new(mux, generation, home);
+        let mut lanes = session.lanes.lock().expect("session lock");
+        // Checked again under the lock: another lane may have taken the slot meanwhile.
+        if lanes.generation != generation || lanes.extra.iter().any(|l| l.home == home) {
+            return Err(LaneError::Taken(session.id.clone()));
+        }
+        lanes.extra.push(lane.clone());
+        Ok(lane)
+    }
+
+    /// The generation a lane with `key` on thread `home` would join, or why it cannot.
+    fn lane_slot(
+        &self,
+        session: &Session,
+        owner: TokenId,
+        key: &str,
+        home: usize,
+    ) -> Result<u64, LaneError> {
+        let refused = || LaneError::Refused(session.id.clone());
+        if session.owner != owner {
+            return Err(refused());
+        }
+        let main = session.live().ok_or_else(refused)?;
+        let mut lanes = session.lanes.lock().expect("session lock");
+        let matches = lanes
+            .key
+            .is_some_and(|known| bool::from(known.ct_eq(&sha256(key.as_bytes()))));
+        if lanes.generation != main.generation || !matches {
+            return Err(refused());
+        }
+        lanes.extra.retain(|l| !l.mux.is_closed());
+        if main.home == home || lanes.extra.iter().any(|l| l.home == home) {
+            return Err(LaneError::Taken(session.id.clone()));
+        }
+        Ok(main.generation)
+    }
+
+    /// Removes `lane` once its connection ended; a caller on its thread asks for a new one.
+    pub fn leave_lane(&self, session: &Session, lane: &Live) {
+        let mut lanes = session.lanes.lock().expect("session lock");
+        lanes.extra.retain(|l| !l.mux.is_closed());
+        if lanes.generation == lane.generation {
+            lanes.asked &= !(1u64 << (lane.home % 64));
+        }
+    }
+
+    /// Marks the session's connection as gone, unless a newer one already replaced it; its
+    /// lanes close with it.
     pub fn disconnect(&self, session: &Session, generation: u64) {
         let mut live = session.live.lock().expect("session lock");
         if live.as_ref().is_some_and(|l| l.generation == generation) {
             *live = None;
+            let mut lanes = session.lanes.lock().expect("session lock");
+            let extra = std::mem::take(&mut lanes.extra);
+            lanes.key = None;
+            drop(lanes);
+            drop(live);
+            close_lanes(extra);
         }
     }
 
-    /// Every live connection, for shutdown.
+    /// Every live connection and lane, for shutdown.
     pub fn live_connections(&self) -> Vec<Live> {
-        self.sessions.iter().filter_map(|s| s.live()).collect()
+        let mut all = Vec::new();
+        for session in self.sessions.iter() {
+            all.extend(session.live());
+            all.extend(session.lanes.lock().expect("session lock").extra.clone());
+        }
+        all
+    }
+}
+
+/// Closes lanes whose connection is gone.
+fn close_lanes(lanes: Vec<Live>) {
+    for lane in lanes {
+        lane.mux.close("the session's main connection ended");
     }
 }
 

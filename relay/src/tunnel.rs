@@ -18,9 +18,9 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
-use crate::registry::{Claim, ClaimError};
+use crate::registry::{Claim, ClaimError, LaneError};
 use crate::reply::{self, RelayBody};
 use crate::store::{now_ms, OfflinePolicy, RespondMode};
 use crate::Relay;
@@ -205,7 +205,7 @@ where
             return;
         }
     };
-    let (name, resume, offline, respond, client_window, binary_control) = match hello {
+    let (name, resume, offline, respond, client_window, binary_control, lanes, lane) = match hello {
         Ok(Control::Hello {
             version,
             name,
@@ -214,6 +214,8 @@ where
             respond,
             window,
             binary_control,
+            lanes,
+            lane,
             ..
         }) => {
             if version != PROTOCOL_VERSION {
@@ -237,7 +239,17 @@ where
             }
             // Heads in binary form when the client reads them (finding 25 in BENCHMARKS.md).
             let binary_control = binary_control == Some(true);
-            (name, resume, offline, respond, window, binary_control)
+            let lanes = lanes == Some(true);
+            (
+                name,
+                resume,
+                offline,
+                respond,
+                window,
+                binary_control,
+                lanes,
+                lane,
+            )
         }
         Ok(_) | Err(_) => {
             refuse(
@@ -249,6 +261,9 @@ where
             return;
         }
     };
+    if let Some(join) = lane {
+        return serve_lane(relay, owner, ws, join, client_window, binary_control).await;
+    }
     let claim = if let Some(name) = name.as_deref() {
         if let Err(err) = validate_session_name(name) {
             refuse(
@@ -331,6 +346,7 @@ where
     // The welcome is the first message the mux writes, ahead of any request head, and the
     // session is routable before the mux starts: a client that says "ready" can be called
     // at once.
+    let lane_key = (lanes && relay.threads > 1).then_some(granted.lane_key);
     let welcome = Control::Welcome {
         session: session.id.clone(),
         url: format!("{}/{}", relay.config.public_url, session.id),
@@ -338,19 +354,17 @@ where
         agent: concat!("ferry-relay/", env!("CARGO_PKG_VERSION")).to_owned(),
         window: Some(STREAM_WINDOW),
         binary_control: binary_control.then_some(true),
+        lane_key: lane_key.clone(),
     };
-    let mux_config = MuxConfig {
-        recv_window: STREAM_WINDOW,
-        send_window: peer_window(client_window),
-        binary_control,
-        heartbeat_timeout: relay.config.heartbeat_timeout,
-        stats: relay.config.stats.clone(),
-        ..MuxConfig::default()
-    };
+    let mux_config = mux_config(&relay, client_window, binary_control);
     let (mux, pending) = Mux::prepare(ws, mux_config, RelayHandler, Some(welcome));
-    let routable = relay
-        .registry
-        .go_live(&session, granted.generation, mux.clone());
+    let routable = relay.registry.go_live(
+        &session,
+        granted.generation,
+        mux.clone(),
+        crate::lanes::home(),
+        lane_key.as_deref(),
+    );
     let task = pending.start();
     if routable {
         if let Some(live) = session
@@ -378,6 +392,81 @@ where
             .unwrap_or_else(|err| format!("tunnel task failed: {err}"));
         relay.registry.disconnect(&session, granted.generation);
         info!(%reason, "client disconnected");
+    }
+    .instrument(span)
+    .await;
+}
+
+/// The mux settings of a tunnel connection (a session's main one or a lane).
+fn mux_config(relay: &Relay, client_window: Option<u32>, binary_control: bool) -> MuxConfig {
+    MuxConfig {
+        recv_window: STREAM_WINDOW,
+        send_window: peer_window(client_window),
+        binary_control,
+        heartbeat_timeout: relay.config.heartbeat_timeout,
+        stats: relay.config.stats.clone(),
+        ..MuxConfig::default()
+    }
+}
+
+/// Serves a connection that joins a live session as an extra lane: it carries requests of
+/// callers on this relay thread, and ends with the session's connection.
+async fn serve_lane<S>(
+    relay: Arc<Relay>,
+    owner: crate::auth::TokenId,
+    mut ws: WebSocketStream<MuxIo<S>>,
+    join: ferry_protocol::LaneJoin,
+    client_window: Option<u32>,
+    binary_control: bool,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let home = crate::lanes::home();
+    let refusal = |err: &LaneError| match err {
+        LaneError::Refused(_) => ErrorCode::LaneRefused,
+        LaneError::Taken(_) => ErrorCode::LaneTaken,
+    };
+    let session = match relay
+        .registry
+        .check_lane(owner, &join.session, &join.key, home)
+    {
+        Ok(session) => session,
+        Err(err) => {
+            refuse(&mut ws, refusal(&err), &err.to_string()).await;
+            return;
+        }
+    };
+    let welcome = Control::Welcome {
+        session: session.id.clone(),
+        url: format!("{}/{}", relay.config.public_url, session.id),
+        resume_secret: String::new(),
+        agent: concat!("ferry-relay/", env!("CARGO_PKG_VERSION")).to_owned(),
+        window: Some(STREAM_WINDOW),
+        binary_control: binary_control.then_some(true),
+        lane_key: None,
+    };
+    let config = mux_config(&relay, client_window, binary_control);
+    let (mux, pending) = Mux::prepare(ws, config, RelayHandler, Some(welcome));
+    let joined = relay
+        .registry
+        .join_lane(&session, owner, &join.key, mux.clone(), home);
+    let task = pending.start();
+    let lane = match joined {
+        Ok(lane) => lane,
+        Err(err) => {
+            mux.close_with_error(refusal(&err), &err.to_string()).await;
+            let _ = task.await;
+            return;
+        }
+    };
+    let span = tracing::debug_span!("lane", session = %session.id, thread = home);
+    async move {
+        debug!("lane joined");
+        let reason = task
+            .await
+            .unwrap_or_else(|err| format!("lane task failed: {err}"));
+        relay.registry.leave_lane(&session, &lane);
+        debug!(%reason, "lane closed");
     }
     .instrument(span)
     .await;

@@ -56,6 +56,28 @@ impl TestRelay {
         }
     }
 
+    /// Starts a relay serving its connections on `threads` threads, each over its own
+    /// listening socket of one port (as the `ferry-relay` binary does), after `tweak`.
+    pub async fn start_threads(threads: usize, tweak: impl FnOnce(&mut RelayConfig)) -> TestRelay {
+        let listeners = ferry_relay::lanes::bind("127.0.0.1:0".parse().expect("address"), threads)
+            .expect("bind relay");
+        let addr = listeners[0].local_addr().expect("relay addr");
+        let mut config = RelayConfig::new(
+            &format!("http://{addr}"),
+            vec![TOKEN.to_owned(), "other-token".to_owned()],
+        );
+        tweak(&mut config);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(ferry_relay::run_threads(listeners, config, async {
+            let _ = stopped.await;
+        }));
+        TestRelay {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
     /// The relay's base URL.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)

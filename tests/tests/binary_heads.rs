@@ -39,6 +39,8 @@ async fn open(
         respond: None,
         window: None,
         binary_control,
+        lanes: None,
+        lane: None,
     };
     ws.send(Message::text(hello.encode())).await.unwrap();
     match next(&mut ws).await {

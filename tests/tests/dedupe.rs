@@ -55,6 +55,7 @@ async fn accept(listener: &TcpListener) -> Tunnel {
         // and (no binary_control either) sends its heads as JSON, which `deliver` reads.
         window: None,
         binary_control: None,
+        lane_key: None,
     };
     ws.send(Message::text(welcome.encode())).await.unwrap();
     Tunnel { ws, offline }

@@ -158,6 +158,9 @@ async fn open(
         respond: None,
         window: Some(ferry_protocol::flow::STREAM_WINDOW),
         binary_control: None,
+        // As `ferry listen` says: an idle client is never asked to open a lane.
+        lanes: Some(true),
+        lane: None,
     };
     ws.send(Message::text(hello.encode())).await?;
     let welcome = tokio::time::timeout(Duration::from_secs(30), async {

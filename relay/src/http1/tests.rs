@@ -421,7 +421,7 @@ mod serving {
 
     fn relay() -> Arc<Relay> {
         let config = RelayConfig::new("http://relay.test", vec!["token".into()]);
-        Arc::new(Relay::new(config, Registry::new(10)))
+        Arc::new(Relay::new(config, Registry::new(10), 1))
     }
 
     /// Serves the far end of a new in-memory connection; returns the near end.
