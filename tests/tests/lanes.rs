@@ -2,7 +2,8 @@
 //! more connection (a lane) when callers arrive on a thread that has none of the session's, and
 //! then carries those callers' requests through that lane. A lane needs the session's lane key
 //! and token, must land on a thread that has none, and ends with the session's connection. The
-//! real client opens lanes when asked and every webhook still crosses byte for byte.
+//! real client opens lanes when asked, every webhook still crosses byte for byte, and the relay
+//! still shuts down.
 
 use ferry_protocol::{
     BinaryMessage, Control, DataFrame, ErrorCode, HeaderList, LaneJoin, ResponseHead,
@@ -256,4 +257,7 @@ async fn the_client_opens_a_lane_when_asked_and_webhooks_cross_byte_for_byte() {
         sent += 1;
     }
     assert_eq!(relay_stats.connections(), 2, "one lane, not more");
+
+    // A relay on several threads, with a lane on each, still shuts down in time.
+    relay.shutdown().await.expect("the relay shuts down cleanly");
 }
