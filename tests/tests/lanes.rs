@@ -259,5 +259,8 @@ async fn the_client_opens_a_lane_when_asked_and_webhooks_cross_byte_for_byte() {
     assert_eq!(relay_stats.connections(), 2, "one lane, not more");
 
     // A relay on several threads, with a lane on each, still shuts down in time.
-    relay.shutdown().await.expect("the relay shuts down cleanly");
+    relay
+        .shutdown()
+        .await
+        .expect("the relay shuts down cleanly");
 }

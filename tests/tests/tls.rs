@@ -1,7 +1,8 @@
 //! A relay serving HTTPS itself (`--tls-cert`, `--tls-key`): callers reach the app over TLS with
 //! HTTP/1.1 or HTTP/2 (ALPN), the client connects with `wss://`, trusting the relay's
 //! self-signed certificate through `--relay-ca`; a client that does not trust it stops and says
-//! what to pass; a caller that opens a connection and never finishes its handshake is dropped.
+//! what to pass; a caller that opens a connection and never finishes its handshake is dropped; a
+//! TLS relay on two threads gets its lane over wss too.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -383,4 +384,47 @@ async fn an_http_target_that_serves_https_gets_a_502_with_the_hint() {
     assert_eq!(status, 502);
     let detail = String::from_utf8_lossy(&body);
     assert!(detail.contains("use an https:// target"), "{detail}");
+}
+
+#[tokio::test]
+async fn a_tls_relay_on_two_threads_gets_a_lane_over_wss_and_callers_reach_the_app() {
+    let cert = TestCert::new();
+    let tls = ferry_relay::tls::server_config(&cert.cert_pem, &cert.key_pem).unwrap();
+    let relay_stats = Arc::new(ferry_mux::MuxStats::default());
+    let stats = relay_stats.clone();
+    let relay = TestRelay::start_threads(2, move |config| {
+        config.public_url = config.public_url.replace("http://", "https://");
+        config.public_scheme = "https".to_owned();
+        config.tls = Some(tls);
+        config.stats = stats;
+    })
+    .await;
+    let origin = Origin::start(Behaviour::Echo).await;
+    let client = TestClient::start(https_client_config(
+        &relay,
+        &origin.addr().to_string(),
+        &cert,
+    ))
+    .await;
+    // Callers on TLS connections of their own land on both threads: the relay asks for a lane,
+    // which the client opens over wss with the same trusted certificate.
+    let deadline = tokio::time::Instant::now() + WAIT_TIMEOUT;
+    let mut sent = 0;
+    while relay_stats.connections() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no lane after {sent} callers"
+        );
+        let io = cert.connect(relay.addr, b"http/1.1").await;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(connection);
+        let mut request = post(&format!("/{}/hook", client.session), "{\"lane\":true}");
+        let host = relay.addr.to_string().parse().unwrap();
+        request.headers_mut().insert(http::header::HOST, host);
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"{\"lane\":true}");
+        sent += 1;
+    }
 }
