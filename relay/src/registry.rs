@@ -38,9 +38,7 @@ impl Live {
             next_stream: Arc::new(AtomicU32::new(0)),
         }
     }
-}
 
-impl Live {
     /// A fresh id for a relay-initiated stream: odd numbers, leaving even ones for the client.
     pub fn next_stream_id(&self) -> Option<u32> {
         let n = self.next_stream.fetch_add(1, Ordering::Relaxed);
@@ -154,9 +152,8 @@ impl Session {
                     return Some(lane.clone());
                 }
             }
-            let bit = 1u64 << (here % 64);
-            let ask = lanes.asked & bit == 0;
-            lanes.asked |= bit;
+            let ask = lanes.asked & thread_bit(here) == 0;
+            lanes.asked |= thread_bit(here);
             ask
         };
         if ask
@@ -165,7 +162,7 @@ impl Session {
                 .try_send_control(ferry_protocol::Control::OpenLane {})
         {
             // Dropped (the connection is busy): a later caller asks again.
-            self.lanes.lock().expect("session lock").asked &= !(1u64 << (here % 64));
+            self.lanes.lock().expect("session lock").asked &= !thread_bit(here);
         }
         Some(main)
     }
@@ -477,7 +474,7 @@ impl Registry {
         let mut lanes = session.lanes.lock().expect("session lock");
         lanes.extra.retain(|l| !l.mux.is_closed());
         if lanes.generation == lane.generation {
-            lanes.asked &= !(1u64 << (lane.home % 64));
+            lanes.asked &= !thread_bit(lane.home);
         }
     }
 
@@ -505,6 +502,12 @@ impl Registry {
         }
         all
     }
+}
+
+/// Relay thread `home`'s bit in [`Lanes::asked`] (there are at most
+/// [`crate::lanes::MAX_THREADS`] threads).
+fn thread_bit(home: usize) -> u64 {
+    1u64 << (home % crate::lanes::MAX_THREADS)
 }
 
 /// Closes lanes whose connection is gone.
