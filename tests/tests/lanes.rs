@@ -224,6 +224,22 @@ async fn a_relay_on_one_thread_offers_no_lanes() {
         matches!(welcome, Control::Welcome { lane_key: None, .. }),
         "{welcome:?}"
     );
+    // With no key offered, no key joins a lane.
+    let join = LaneJoin {
+        session: "single".into(),
+        key: String::new(),
+    };
+    let (_, answer) = open(&relay, TOKEN, hello(None, Some(join))).await;
+    assert!(
+        matches!(
+            answer,
+            Control::Error {
+                code: ErrorCode::LaneRefused,
+                ..
+            }
+        ),
+        "{answer:?}"
+    );
 }
 
 #[tokio::test]
