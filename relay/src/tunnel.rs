@@ -193,74 +193,48 @@ where
         Ok(Ok(Some(msg))) => msg.as_text().map(Control::decode),
         _ => None,
     };
-    let hello = match hello {
-        Some(hello) => hello,
-        None => {
-            refuse(
-                &mut ws,
-                ErrorCode::ProtocolError,
-                "expected a hello message",
-            )
-            .await;
+    let Some(Ok(Control::Hello {
+        version,
+        name,
+        resume,
+        offline,
+        respond,
+        window: client_window,
+        binary_control,
+        lanes,
+        lane,
+        ..
+    })) = hello
+    else {
+        refuse(
+            &mut ws,
+            ErrorCode::ProtocolError,
+            "expected a hello message",
+        )
+        .await;
+        return;
+    };
+    if version != PROTOCOL_VERSION {
+        let message = format!(
+            "client speaks protocol version {version}, this relay speaks {PROTOCOL_VERSION}; install the same Ferry version on both sides"
+        );
+        refuse(&mut ws, ErrorCode::ProtocolError, &message).await;
+        return;
+    }
+    if let Some(RespondPolicy::Now {
+        status: Some(status),
+        ..
+    }) = &respond
+    {
+        if !(200..=599).contains(status) {
+            let message = format!("--respond-status {status} is not a final status (200-599)");
+            refuse(&mut ws, ErrorCode::ProtocolError, &message).await;
             return;
         }
-    };
-    let (name, resume, offline, respond, client_window, binary_control, lanes, lane) = match hello {
-        Ok(Control::Hello {
-            version,
-            name,
-            resume,
-            offline,
-            respond,
-            window,
-            binary_control,
-            lanes,
-            lane,
-            ..
-        }) => {
-            if version != PROTOCOL_VERSION {
-                let message = format!(
-                    "client speaks protocol version {version}, this relay speaks {PROTOCOL_VERSION}; install the same Ferry version on both sides"
-                );
-                refuse(&mut ws, ErrorCode::ProtocolError, &message).await;
-                return;
-            }
-            if let Some(RespondPolicy::Now {
-                status: Some(status),
-                ..
-            }) = &respond
-            {
-                if !(200..=599).contains(status) {
-                    let message =
-                        format!("--respond-status {status} is not a final status (200-599)");
-                    refuse(&mut ws, ErrorCode::ProtocolError, &message).await;
-                    return;
-                }
-            }
-            // Heads in binary form when the client reads them (finding 25 in BENCHMARKS.md).
-            let binary_control = binary_control == Some(true);
-            let lanes = lanes == Some(true);
-            (
-                name,
-                resume,
-                offline,
-                respond,
-                window,
-                binary_control,
-                lanes,
-                lane,
-            )
-        }
-        Ok(_) | Err(_) => {
-            refuse(
-                &mut ws,
-                ErrorCode::ProtocolError,
-                "expected a hello message",
-            )
-            .await;
-            return;
-        }
-    };
+    }
+    // Heads in binary form when the client reads them (finding 25 in BENCHMARKS.md).
+    let binary_control = binary_control == Some(true);
+    let lanes = lanes == Some(true);
     if let Some(join) = lane {
         return serve_lane(relay, owner, ws, join, client_window, binary_control).await;
     }

@@ -14,6 +14,15 @@ use crate::WAIT_TIMEOUT as WAIT;
 /// The token test relays accept.
 pub const TOKEN: &str = "test-token-0123456789";
 
+/// The configuration of a test relay listening on `addr`: it accepts [`TOKEN`] and
+/// `other-token`, with defaults otherwise.
+fn test_config(addr: SocketAddr) -> RelayConfig {
+    RelayConfig::new(
+        &format!("http://{addr}"),
+        vec![TOKEN.to_owned(), "other-token".to_owned()],
+    )
+}
+
 /// A relay running in this process.
 pub struct TestRelay {
     /// Where it listens.
@@ -40,10 +49,7 @@ impl TestRelay {
         tweak: impl FnOnce(&mut RelayConfig),
     ) -> TestRelay {
         let addr = listener.local_addr().expect("relay addr");
-        let mut config = RelayConfig::new(
-            &format!("http://{addr}"),
-            vec![TOKEN.to_owned(), "other-token".to_owned()],
-        );
+        let mut config = test_config(addr);
         tweak(&mut config);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(ferry_relay::run(listener, config, async {
@@ -62,10 +68,7 @@ impl TestRelay {
         let listeners = ferry_relay::lanes::bind("127.0.0.1:0".parse().expect("address"), threads)
             .expect("bind relay");
         let addr = listeners[0].local_addr().expect("relay addr");
-        let mut config = RelayConfig::new(
-            &format!("http://{addr}"),
-            vec![TOKEN.to_owned(), "other-token".to_owned()],
-        );
+        let mut config = test_config(addr);
         tweak(&mut config);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(ferry_relay::run_threads(listeners, config, async {
@@ -81,6 +84,25 @@ impl TestRelay {
     /// The relay's base URL.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The opening request of a hand-written client's tunnel: `token` as its bearer token,
+    /// offering the WebSocket subprotocol `subprotocol`.
+    pub fn tunnel_request(
+        &self,
+        token: &str,
+        subprotocol: &str,
+    ) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+        let mut request = format!("ws://{}{}", self.addr, ferry_protocol::CONNECT_PATH)
+            .into_client_request()
+            .expect("a tunnel request");
+        let headers = request.headers_mut();
+        let bearer = format!("Bearer {token}").parse().expect("a header value");
+        headers.insert("authorization", bearer);
+        let offered = subprotocol.parse().expect("a header value");
+        headers.insert("sec-websocket-protocol", offered);
+        request
     }
 
     /// Sends the shutdown signal (like SIGTERM) without waiting.
@@ -285,10 +307,7 @@ impl KillableRelay {
                 let store = ferry_relay::store::Store::open(&data_dir, Default::default())
                     .await
                     .expect("open the relay's store");
-                let mut config = RelayConfig::new(
-                    &format!("http://{addr}"),
-                    vec![TOKEN.to_owned(), "other-token".to_owned()],
-                );
+                let mut config = test_config(addr);
                 config.store = Some(store);
                 tweak(&mut config);
                 let listener = TcpListener::from_std(listener).expect("tokio listener");

@@ -10,7 +10,6 @@ use ferry_tests::*;
 use futures_util::{SinkExt, StreamExt};
 use http::Method;
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -23,12 +22,7 @@ async fn open(
     name: &str,
     binary_control: Option<bool>,
 ) -> (Tunnel, Option<bool>) {
-    let mut request = format!("ws://{}/_ferry/v1/connect", relay.addr)
-        .into_client_request()
-        .unwrap();
-    let headers = request.headers_mut();
-    headers.insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-    headers.insert("sec-websocket-protocol", SUBPROTOCOL.parse().unwrap());
+    let request = relay.tunnel_request(TOKEN, SUBPROTOCOL);
     let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
     let hello = Control::Hello {
         version: PROTOCOL_VERSION,

@@ -14,7 +14,6 @@ use futures_util::{SinkExt, StreamExt};
 use std::sync::Arc;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -43,12 +42,7 @@ fn hello(name: Option<&str>, lane: Option<LaneJoin>) -> Control {
 /// Opens a WebSocket to the relay's tunnel endpoint with `token`, sends `hello` and returns
 /// the socket and the relay's first answer.
 async fn open(relay: &TestRelay, token: &str, hello: Control) -> (Tunnel, Control) {
-    let mut request = format!("ws://{}/_ferry/v1/connect", relay.addr)
-        .into_client_request()
-        .unwrap();
-    let headers = request.headers_mut();
-    headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
-    headers.insert("sec-websocket-protocol", SUBPROTOCOL.parse().unwrap());
+    let request = relay.tunnel_request(token, SUBPROTOCOL);
     let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
     ws.send(Message::text(hello.encode())).await.unwrap();
     let answer = read_control(&mut ws).await.expect("an answer to the hello");

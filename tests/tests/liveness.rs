@@ -6,7 +6,6 @@ use ferry_client::{ClientError, Event};
 use ferry_tests::*;
 use futures_util::StreamExt;
 use http::Method;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 fn json(body: &[u8]) -> serde_json::Value {
     serde_json::from_slice(body).expect("JSON body")
@@ -182,15 +181,7 @@ async fn a_wrong_token_is_refused_without_a_retry_loop() {
 #[tokio::test]
 async fn a_client_of_another_protocol_version_gets_a_clear_refusal() {
     let relay = TestRelay::start().await;
-    let mut request = format!("ws://{}/_ferry/v1/connect", relay.addr)
-        .into_client_request()
-        .unwrap();
-    request
-        .headers_mut()
-        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-    request
-        .headers_mut()
-        .insert("sec-websocket-protocol", "ferry.v2".parse().unwrap());
+    let request = relay.tunnel_request(TOKEN, "ferry.v2");
     match tokio_tungstenite::connect_async(request).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             assert_eq!(response.status(), 400);
@@ -240,15 +231,7 @@ async fn a_relay_of_another_protocol_version_is_reported_by_the_client() {
 #[tokio::test]
 async fn the_relay_says_why_it_closes_a_tunnel_that_breaks_the_protocol() {
     let relay = TestRelay::start().await;
-    let mut request = format!("ws://{}/_ferry/v1/connect", relay.addr)
-        .into_client_request()
-        .unwrap();
-    request
-        .headers_mut()
-        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-    request
-        .headers_mut()
-        .insert("sec-websocket-protocol", "ferry.v1".parse().unwrap());
+    let request = relay.tunnel_request(TOKEN, "ferry.v1");
     let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
     use futures_util::SinkExt;
     ws.send(tokio_tungstenite::tungstenite::Message::text(
