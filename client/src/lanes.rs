@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_mux::{Mux, MuxConfig};
+use ferry_mux::Mux;
 use ferry_protocol::LaneJoin;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -130,14 +130,12 @@ impl Lanes {
                 relay_error: Arc::default(),
                 lanes: None,
             };
-            let config = MuxConfig {
-                heartbeat_timeout: self.heartbeat_timeout,
-                stats: self.stats.clone(),
-                recv_window: ferry_protocol::flow::STREAM_WINDOW,
-                send_window: welcome.send_window,
-                binary_control: welcome.binary_control,
-                ..MuxConfig::default()
-            };
+            let config = crate::tunnel_config(
+                self.heartbeat_timeout,
+                &self.stats,
+                welcome.send_window,
+                welcome.binary_control,
+            );
             let (mux, task) = Mux::spawn(ws, config, handler);
             debug!("lane open");
             tokio::select! {

@@ -138,6 +138,24 @@ impl ControlHandler for ClientHandler {
     }
 }
 
+/// The mux settings of a connection to the relay (the session's or a lane), with what its
+/// welcome agreed.
+fn tunnel_config(
+    heartbeat_timeout: Duration,
+    stats: &Arc<ferry_mux::MuxStats>,
+    send_window: u32,
+    binary_control: bool,
+) -> MuxConfig {
+    MuxConfig {
+        heartbeat_timeout,
+        stats: stats.clone(),
+        recv_window: ferry_protocol::flow::STREAM_WINDOW,
+        send_window,
+        binary_control,
+        ..MuxConfig::default()
+    }
+}
+
 /// The delivered-id set of `session`, from its file under `state_dir` (in memory only if there
 /// is none or it cannot be used).
 async fn open_delivered(state_dir: Option<PathBuf>, session: &str) -> Arc<dedupe::DeliveredIds> {
@@ -271,14 +289,12 @@ pub async fn run(
                     relay_error: relay_error.clone(),
                     lanes,
                 };
-                let mux_config = MuxConfig {
-                    heartbeat_timeout: config.heartbeat_timeout,
-                    stats: config.stats.clone(),
-                    recv_window: ferry_protocol::flow::STREAM_WINDOW,
+                let mux_config = tunnel_config(
+                    config.heartbeat_timeout,
+                    &config.stats,
                     send_window,
                     binary_control,
-                    ..MuxConfig::default()
-                };
+                );
                 let (mux, mut task) = Mux::spawn(ws, mux_config, handler);
                 let reason = tokio::select! {
                     _ = &mut shutdown => {
