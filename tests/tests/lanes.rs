@@ -96,54 +96,44 @@ fn body_of(raw: &[u8]) -> Vec<u8> {
     response.body
 }
 
-#[tokio::test]
-async fn a_relay_on_two_threads_asks_for_a_lane_and_carries_that_threads_callers_through_it() {
-    let relay = TestRelay::start_threads(2, |_| {}).await;
-    let (mut main, welcome) = open(&relay, TOKEN, hello(Some("laned"), None)).await;
-    let Control::Welcome {
-        session, lane_key, ..
-    } = welcome
-    else {
-        panic!("expected a welcome, got {welcome:?}");
-    };
-    let key = lane_key.expect("a relay on two threads offers lanes");
-
-    // Callers on connections of their own until one lands on the other thread: the relay then
-    // asks for a lane, and still carries that request through the main connection.
-    let mut asked = false;
+/// Sends callers on connections of their own, answering each from `main`, until one lands on
+/// the other thread and the relay asks for a lane (it still carries that request through the
+/// main connection).
+async fn call_until_asked(relay: &TestRelay, main: &mut Tunnel, session: &str) {
     for i in 0..TRIES {
-        let caller = call(&relay, &session);
+        let caller = call(relay, session);
+        let mut asked = false;
         let head = loop {
-            match read_control(&mut main).await.expect("main connection open") {
+            match read_control(main).await.expect("main connection open") {
                 Control::OpenLane {} => asked = true,
                 Control::RequestHead(head) => break head,
                 other => panic!("unexpected {other:?}"),
             }
         };
-        answer(&mut main, head.stream, format!("main {i}").as_bytes()).await;
+        answer(main, head.stream, format!("main {i}").as_bytes()).await;
         assert_eq!(
             body_of(&caller.await.unwrap()),
             format!("main {i}").as_bytes()
         );
         if asked {
-            break;
+            return;
         }
     }
-    assert!(asked, "no caller made the relay ask for a lane");
+    panic!("no caller made the relay ask for a lane");
+}
 
-    // Lanes with the key until one lands on the thread without the session: one that lands on
-    // the main connection's thread is told to try another connection.
-    let mut joined = None;
+/// Opens lanes with `key` until one lands on the thread without the session; one that lands
+/// on the main connection's thread is told to try another connection.
+async fn join_lane(relay: &TestRelay, session: &str, key: &str) -> Tunnel {
     for _ in 0..TRIES {
         let join = LaneJoin {
-            session: session.clone(),
-            key: key.clone(),
+            session: session.to_owned(),
+            key: key.to_owned(),
         };
-        match open(&relay, TOKEN, hello(None, Some(join))).await {
+        match open(relay, TOKEN, hello(None, Some(join))).await {
             (lane, Control::Welcome { session: s, .. }) => {
                 assert_eq!(s, session);
-                joined = Some(lane);
-                break;
+                return lane;
             }
             (_, Control::Error { code, message }) => {
                 assert_eq!(code, ErrorCode::LaneTaken, "{message}");
@@ -151,7 +141,38 @@ async fn a_relay_on_two_threads_asks_for_a_lane_and_carries_that_threads_callers
             (_, other) => panic!("unexpected answer to a lane's hello: {other:?}"),
         }
     }
-    let mut lane = joined.expect("no lane landed on the other thread");
+    panic!("no lane landed on the other thread");
+}
+
+/// Waits until the relay has closed `tunnel`, failing on any request sent through it.
+async fn until_closed(tunnel: &mut Tunnel) {
+    while let Some(control) = read_control(tunnel).await {
+        assert!(!matches!(control, Control::RequestHead(_)), "{control:?}");
+    }
+}
+
+/// A hand-written client's session on a two-thread relay: its main connection and lane key.
+async fn laned_session(relay: &TestRelay, name: &str) -> (Tunnel, String, String) {
+    let (main, welcome) = open(relay, TOKEN, hello(Some(name), None)).await;
+    let Control::Welcome {
+        session, lane_key, ..
+    } = welcome
+    else {
+        panic!("expected a welcome, got {welcome:?}");
+    };
+    (
+        main,
+        session,
+        lane_key.expect("a relay on two threads offers lanes"),
+    )
+}
+
+#[tokio::test]
+async fn a_relay_on_two_threads_asks_for_a_lane_and_carries_that_threads_callers_through_it() {
+    let relay = TestRelay::start_threads(2, |_| {}).await;
+    let (mut main, session, key) = laned_session(&relay, "laned").await;
+    call_until_asked(&relay, &mut main, &session).await;
+    let mut lane = join_lane(&relay, &session, &key).await;
 
     // Callers until one arrives through the lane: it is answered from there.
     let mut through_lane = false;
@@ -180,9 +201,20 @@ async fn a_relay_on_two_threads_asks_for_a_lane_and_carries_that_threads_callers
 
     // The lane ends with the session's connection.
     main.close(None).await.unwrap();
-    while let Some(control) = read_control(&mut lane).await {
-        assert!(!matches!(control, Control::RequestHead(_)), "{control:?}");
-    }
+    until_closed(&mut lane).await;
+}
+
+#[tokio::test]
+async fn a_lane_that_ends_is_asked_for_again() {
+    let relay = TestRelay::start_threads(2, |_| {}).await;
+    let (mut main, session, key) = laned_session(&relay, "relaned").await;
+    call_until_asked(&relay, &mut main, &session).await;
+    let mut lane = join_lane(&relay, &session, &key).await;
+    lane.close(None).await.unwrap();
+    until_closed(&mut lane).await;
+    // The session carries on over its main connection, and the thread gets a lane again.
+    call_until_asked(&relay, &mut main, &session).await;
+    join_lane(&relay, &session, &key).await;
 }
 
 #[tokio::test]
