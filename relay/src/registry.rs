@@ -137,15 +137,22 @@ impl Session {
     /// this thread if it has one, else its main connection. When the main connection offered
     /// lanes and none is on this thread, asks the client (once per thread) to open one.
     pub fn live_for_caller(&self) -> Option<Live> {
-        let main = self.live()?;
         let here = crate::lanes::home();
-        if main.home == here {
-            return Some(main);
-        }
+        // Only the connection handed out is cloned: the main one's counters are shared with
+        // the thread serving it, and a caller on another thread need not touch them.
+        let generation = {
+            let live = self.live.lock().expect("session lock");
+            let main = live.as_ref()?;
+            if main.home == here {
+                return Some(main.clone());
+            }
+            main.generation
+        };
         let ask = {
             let mut lanes = self.lanes.lock().expect("session lock");
-            if lanes.generation != main.generation || lanes.key.is_none() {
-                return Some(main);
+            if lanes.generation != generation || lanes.key.is_none() {
+                drop(lanes);
+                return self.live();
             }
             if let Some(lane) = lanes.extra.iter().find(|l| l.home == here) {
                 if !lane.mux.is_closed() {
@@ -156,6 +163,7 @@ impl Session {
             lanes.asked |= thread_bit(here);
             ask
         };
+        let main = self.live()?;
         if ask
             && !main
                 .mux
