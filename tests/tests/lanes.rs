@@ -90,6 +90,13 @@ fn call(relay: &TestRelay, session: &str) -> JoinHandle<Vec<u8>> {
     tokio::spawn(async move { raw_http(addr, request.as_bytes()).await })
 }
 
+/// Answers `caller`'s request (on `stream` of `tunnel`) with `text`, and checks the caller got
+/// exactly that.
+async fn answer_caller(tunnel: &mut Tunnel, stream: u32, caller: JoinHandle<Vec<u8>>, text: &str) {
+    answer(tunnel, stream, text.as_bytes()).await;
+    assert_eq!(body_of(&caller.await.unwrap()), text.as_bytes());
+}
+
 fn body_of(raw: &[u8]) -> Vec<u8> {
     let response = parse_response(raw).expect("a complete response");
     assert_eq!(response.status, 200, "{:?}", String::from_utf8_lossy(raw));
@@ -110,11 +117,7 @@ async fn call_until_asked(relay: &TestRelay, main: &mut Tunnel, session: &str) {
                 other => panic!("unexpected {other:?}"),
             }
         };
-        answer(main, head.stream, format!("main {i}").as_bytes()).await;
-        assert_eq!(
-            body_of(&caller.await.unwrap()),
-            format!("main {i}").as_bytes()
-        );
+        answer_caller(main, head.stream, caller, &format!("main {i}")).await;
         if asked {
             return;
         }
@@ -188,11 +191,7 @@ async fn a_relay_on_two_threads_asks_for_a_lane_and_carries_that_threads_callers
         let Some(Control::RequestHead(head)) = head else {
             panic!("expected a request head, got {head:?}");
         };
-        answer(tunnel, head.stream, format!("answer {i}").as_bytes()).await;
-        assert_eq!(
-            body_of(&caller.await.unwrap()),
-            format!("answer {i}").as_bytes()
-        );
+        answer_caller(tunnel, head.stream, caller, &format!("answer {i}")).await;
         if through_lane {
             break;
         }
