@@ -57,13 +57,40 @@ impl TestCert {
 
     /// A relay serving HTTPS with this certificate, loaded from its PEM files.
     async fn relay(&self) -> TestRelay {
+        let serve_tls = self.serve_tls();
+        TestRelay::start_with(serve_tls).await
+    }
+
+    /// What makes a test relay's configuration serve HTTPS with this certificate.
+    fn serve_tls(&self) -> impl FnOnce(&mut ferry_relay::RelayConfig) {
         let tls = ferry_relay::tls::server_config(&self.cert_pem, &self.key_pem).unwrap();
-        TestRelay::start_with(|config| {
+        move |config| {
             config.public_url = config.public_url.replace("http://", "https://");
             config.public_scheme = "https".to_owned();
             config.tls = Some(tls);
-        })
-        .await
+        }
+    }
+
+    /// POSTs `body` to `path` of the relay at `addr` over a TLS connection of its own speaking
+    /// HTTP/1.1; returns the status and body of the answer.
+    async fn post_h1(
+        &self,
+        addr: std::net::SocketAddr,
+        path: &str,
+        body: &'static str,
+    ) -> (http::StatusCode, Bytes) {
+        let io = self.connect(addr, b"http/1.1").await;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(connection);
+        let mut request = post(path, body);
+        let host = addr.to_string().parse().unwrap();
+        request.headers_mut().insert(http::header::HOST, host);
+        let response = sender.send_request(request).await.unwrap();
+        let status = response.status();
+        (
+            status,
+            response.into_body().collect().await.unwrap().to_bytes(),
+        )
     }
 
     /// An echoing origin, a relay serving HTTPS with this certificate, and a client connected
@@ -112,6 +139,14 @@ fn https_client_config(
     config
 }
 
+/// POSTs `{}` through `client`'s public URL, expects a 502 and returns its body.
+async fn bad_gateway_detail(client: &TestClient) -> String {
+    let url = format!("{}/x", client.url);
+    let (status, _, body) = send(http::Method::POST, &url, &[], Bytes::from_static(b"{}")).await;
+    assert_eq!(status, 502);
+    String::from_utf8_lossy(&body).into_owned()
+}
+
 fn post(uri: &str, body: &'static str) -> http::Request<Full<Bytes>> {
     http::Request::post(uri)
         .header("content-type", "application/json")
@@ -126,16 +161,9 @@ async fn https_callers_reach_the_app_over_http1_and_http2_through_a_tls_relay() 
     assert!(client.url.starts_with("https://"), "{}", client.url);
 
     // HTTP/1.1 over TLS.
-    let io = cert.connect(relay.addr, b"http/1.1").await;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await.unwrap();
-    tokio::spawn(connection);
     let uri = format!("/{}/hook?over=h1", client.session);
-    let mut request = post(&uri, "{\"over\":\"h1\"}");
-    let host = relay.addr.to_string().parse().unwrap();
-    request.headers_mut().insert(http::header::HOST, host);
-    let response = sender.send_request(request).await.unwrap();
-    assert_eq!(response.status(), 200);
-    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let (status, body) = cert.post_h1(relay.addr, &uri, "{\"over\":\"h1\"}").await;
+    assert_eq!(status, 200);
     assert_eq!(&body[..], b"{\"over\":\"h1\"}");
     let seen = origin.next_request().await;
     assert_eq!(seen.uri, "/hook?over=h1");
@@ -354,15 +382,7 @@ async fn an_https_app_that_fails_the_handshake_gives_502_naming_it() {
         &format!("https://127.0.0.1:{}", origin.addr().port()),
     ))
     .await;
-    let (status, _, body) = send(
-        http::Method::POST,
-        &format!("{}/x", client.url),
-        &[],
-        Bytes::from_static(b"{}"),
-    )
-    .await;
-    assert_eq!(status, 502);
-    let detail = String::from_utf8_lossy(&body);
+    let detail = bad_gateway_detail(&client).await;
     assert!(detail.contains("https://127.0.0.1"), "{detail}");
     assert!(detail.contains("did not answer in TLS"), "{detail}");
     assert!(detail.contains("use an http:// target"), "{detail}");
@@ -374,28 +394,18 @@ async fn an_http_target_that_serves_https_gets_a_502_with_the_hint() {
     let (app, _) = https_app(&cert).await;
     let relay = TestRelay::start().await;
     let client = TestClient::start(client_config(&relay.url(), &app.to_string())).await;
-    let (status, _, body) = send(
-        http::Method::POST,
-        &format!("{}/x", client.url),
-        &[],
-        Bytes::from_static(b"{}"),
-    )
-    .await;
-    assert_eq!(status, 502);
-    let detail = String::from_utf8_lossy(&body);
+    let detail = bad_gateway_detail(&client).await;
     assert!(detail.contains("use an https:// target"), "{detail}");
 }
 
 #[tokio::test]
 async fn a_tls_relay_on_two_threads_gets_a_lane_over_wss_and_callers_reach_the_app() {
     let cert = TestCert::new();
-    let tls = ferry_relay::tls::server_config(&cert.cert_pem, &cert.key_pem).unwrap();
+    let serve_tls = cert.serve_tls();
     let relay_stats = Arc::new(ferry_mux::MuxStats::default());
     let stats = relay_stats.clone();
     let relay = TestRelay::start_threads(2, move |config| {
-        config.public_url = config.public_url.replace("http://", "https://");
-        config.public_scheme = "https".to_owned();
-        config.tls = Some(tls);
+        serve_tls(config);
         config.stats = stats;
     })
     .await;
@@ -415,15 +425,9 @@ async fn a_tls_relay_on_two_threads_gets_a_lane_over_wss_and_callers_reach_the_a
             tokio::time::Instant::now() < deadline,
             "no lane after {sent} callers"
         );
-        let io = cert.connect(relay.addr, b"http/1.1").await;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await.unwrap();
-        tokio::spawn(connection);
-        let mut request = post(&format!("/{}/hook", client.session), "{\"lane\":true}");
-        let host = relay.addr.to_string().parse().unwrap();
-        request.headers_mut().insert(http::header::HOST, host);
-        let response = sender.send_request(request).await.unwrap();
-        assert_eq!(response.status(), 200);
-        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let path = format!("/{}/hook", client.session);
+        let (status, body) = cert.post_h1(relay.addr, &path, "{\"lane\":true}").await;
+        assert_eq!(status, 200);
         assert_eq!(&body[..], b"{\"lane\":true}");
         sent += 1;
     }
