@@ -214,8 +214,8 @@ async fn serve(
                 runtime.block_on(async move {
                     match TcpListener::from_std(listener) {
                         Ok(listener) => {
-                            let stop = serving.relay.shutdown.clone();
-                            accept_loop(listener, &serving, stop.cancelled()).await;
+                            // Stops with the relay's shutdown, which every loop watches.
+                            accept_loop(listener, &serving, std::future::pending()).await;
                         }
                         Err(err) => warn!(%err, "cannot serve a listening socket"),
                     }
