@@ -10,11 +10,16 @@
 //! in both. A record that must change (the user replays it) first moves out of its block
 //! into a `requests` row of its own ([`take_out`]), where attempts are recorded as for any
 //! other request.
+//!
+//! A block's bytes are in a file of `block_files` (the row says where), or, for blocks from
+//! before schema version 4 and what is left of a block after [`take_out`], in the row's `data`.
 
 use bytes::Bytes;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, Row};
+use tracing::warn;
 
 use super::block_codec::{self, decode_block, BlockEntry, EncodedExchange};
+use super::block_files::{self, Location};
 use super::codec::decode_headers;
 use super::error::{Result, StoreError};
 use super::ids::RequestId;
@@ -29,6 +34,35 @@ fn to_i64(n: usize) -> i64 {
 
 fn bad_block(first_id: RequestId) -> StoreError {
     StoreError::BadRecord(format!("history block {first_id} cannot be decoded"))
+}
+
+/// The columns of `history_blocks` that say where a block's bytes are, in the order
+/// [`block_data`] reads them.
+const DATA_COLUMNS: &str = "data, file_no, file_at, file_len, file_crc";
+
+/// A block's bytes, from the row's [`DATA_COLUMNS`] starting at column `at`: the row's own
+/// `data`, or the block file they point to.
+fn block_data(conn: &Connection, row: &Row<'_>, at: usize) -> Result<Bytes> {
+    let Some(file) = row.get::<_, Option<u64>>(at + 1)? else {
+        let data = row.get_ref(at)?.as_blob().map_err(rusqlite::Error::from)?;
+        return Ok(Bytes::copy_from_slice(data));
+    };
+    let location = Location {
+        file,
+        offset: row.get(at + 2)?,
+        len: row.get(at + 3)?,
+        crc: row.get(at + 4)?,
+    };
+    let dir = block_files::dir_of(conn).ok_or_else(|| StoreError::Files {
+        path: Default::default(),
+        detail: "the database has no directory".into(),
+    })?;
+    block_files::read(&dir, location)
+        .map(Bytes::from)
+        .map_err(|err| StoreError::Files {
+            path: dir,
+            detail: err.to_string(),
+        })
 }
 
 /// Writes passed-through exchanges: one block per session among `items`, ids handed out in
@@ -94,9 +128,17 @@ pub(crate) fn write(
         let Some((first_id, last_id)) = range else {
             continue;
         };
+        let at = ctx
+            .block_files
+            .append(&block)
+            .map_err(|err| StoreError::Files {
+                path: ctx.block_files.dir().to_owned(),
+                detail: format!("cannot write a history block: {err}"),
+            })?;
         conn.prepare_cached(
-            "INSERT INTO history_blocks (first_id, last_id, session_id, count, stored_bytes, data)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO history_blocks (first_id, last_id, session_id, count, stored_bytes, data,
+                                         file_no, file_at, file_len, file_crc)
+             VALUES (?1, ?2, ?3, ?4, ?5, x'', ?6, ?7, ?8, ?9)",
         )?
         .execute(params![
             first_id,
@@ -104,7 +146,10 @@ pub(crate) fn write(
             session_id,
             to_i64(count),
             to_i64(stored),
-            block
+            at.file,
+            at.offset,
+            at.len,
+            at.crc
         ])?;
         if !provider_ids.is_empty() {
             let mut insert = conn.prepare_cached(
@@ -155,26 +200,21 @@ struct Found {
 }
 
 fn find(conn: &Connection, id: RequestId) -> Result<Option<Found>> {
-    let block = conn
-        .prepare_cached(
-            "SELECT first_id, last_id, session_id, data FROM history_blocks
-             WHERE first_id <= ?1 ORDER BY first_id DESC LIMIT 1",
-        )?
-        .query_row([id], |row| {
-            Ok((
-                row.get::<_, RequestId>(0)?,
-                row.get::<_, RequestId>(1)?,
-                row.get::<_, String>(2)?,
-                Bytes::copy_from_slice(row.get_ref(3)?.as_blob()?),
-            ))
-        })
-        .optional()?;
-    let Some((first_id, last_id, session_id, data)) = block else {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT first_id, last_id, session_id, {DATA_COLUMNS} FROM history_blocks
+         WHERE first_id <= ?1 ORDER BY first_id DESC LIMIT 1"
+    ))?;
+    let mut rows = stmt.query([id])?;
+    let Some(row) = rows.next()? else {
         return Ok(None);
     };
+    let first_id: RequestId = row.get(0)?;
+    let last_id: RequestId = row.get(1)?;
+    let session_id: String = row.get(2)?;
     if id > last_id {
         return Ok(None);
     }
+    let data = block_data(conn, row, 3)?;
     let entries = decode_block(&data).ok_or_else(|| bad_block(first_id))?;
     Ok(entries.into_iter().find(|e| e.id == id).map(|entry| Found {
         first_id,
@@ -299,19 +339,29 @@ pub(crate) fn list(
     // A plain range on the index (session_id, first_id), newest first; '~' sorts after every
     // id's characters (Crockford base32).
     let below = before.map_or_else(|| "~".to_owned(), |id| id.to_string());
-    let mut stmt = conn.prepare_cached(
-        "SELECT first_id, data FROM history_blocks
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT first_id, {DATA_COLUMNS} FROM history_blocks
          WHERE session_id = ?1 AND first_id < ?2 AND (?3 IS NULL OR last_id >= ?3)
-         ORDER BY first_id DESC",
-    )?;
+         ORDER BY first_id DESC"
+    ))?;
     let mut rows = stmt.query(params![session_id, below, floor])?;
     let mut found = Vec::new();
     while found.len() < want {
         let Some(row) = rows.next()? else { break };
         let first_id: RequestId = row.get(0)?;
-        let data: Vec<u8> = row.get(1)?;
-        let data = Bytes::from(data);
-        let entries = decode_block(&data).ok_or_else(|| bad_block(first_id))?;
+        // A block that cannot be read (its file lost or cut short by a power cut) is left
+        // out rather than failing every listing of the session.
+        let entries = match block_data(conn, row, 1) {
+            Ok(data) => decode_block(&data).ok_or_else(|| bad_block(first_id)),
+            Err(err) => Err(err),
+        };
+        let entries = match entries {
+            Ok(entries) => entries,
+            Err(err) => {
+                warn!(%err, block = %first_id, "store: a history block is left out of a listing");
+                continue;
+            }
+        };
         for entry in entries.iter().rev() {
             if before.is_some_and(|before| entry.id >= before) {
                 continue;
@@ -352,7 +402,8 @@ pub(crate) fn take_out(conn: &Connection, id: RequestId) -> Result<bool> {
     } else {
         conn.prepare_cached(
             "UPDATE history_blocks SET data = ?2, count = count - 1,
-                 stored_bytes = stored_bytes - ?3
+                 stored_bytes = stored_bytes - ?3,
+                 file_no = NULL, file_at = NULL, file_len = NULL, file_crc = NULL
              WHERE first_id = ?1",
         )?
         .execute(params![first_id, rest, to_i64(stored)])?;

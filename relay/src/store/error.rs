@@ -78,6 +78,14 @@ pub enum StoreError {
     /// The batch's commit failed: nothing in it was stored.
     #[error("database commit failed, nothing was stored: {0}")]
     Commit(String),
+    /// The files holding history blocks could not be written, read or deleted.
+    #[error("history files in {path}: {detail}")]
+    Files {
+        /// The directory of block files.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        detail: String,
+    },
     /// The store has been closed, or its writer thread has stopped.
     #[error("the store is closed")]
     Closed,

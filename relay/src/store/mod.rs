@@ -58,6 +58,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::{info, warn};
 
 mod block_codec;
+mod block_files;
 mod blocks;
 mod codec;
 mod commands;
@@ -209,9 +210,18 @@ impl Store {
         let newest: Option<RequestId> =
             conn.query_row("SELECT MAX(id) FROM requests", [], |r| r.get(0))?;
         let newest = newest.max(blocks::newest_id(&conn)?);
+        let mut block_files = block_files::BlockFiles::open(data_dir).map_err(|e| {
+            dir_error(format!(
+                "cannot use {}: {e}",
+                data_dir.join(block_files::DIR).display()
+            ))
+        })?;
+        // Files left behind by blocks deleted just before a stop.
+        block_files.collect(&conn)?;
         let ctx = WriterCtx {
             ids: ids::IdGenerator::after(newest),
             record_max_body: options.record_max_body,
+            block_files,
         };
         let counters = Arc::new(Counters::default());
         let limits = Limits {
@@ -534,9 +544,10 @@ impl Store {
         report.stored_bytes = self
             .inner
             .writer
-            .call(0, move |conn, _| {
+            .call(0, move |conn, ctx| {
                 if report.by_age + report.by_size > 0 {
                     commands::release_space(conn)?;
+                    ctx.block_files.collect_after_commit();
                 }
                 commands::stored_bytes(conn)
             })

@@ -8,10 +8,21 @@ use rusqlite::{Connection, ErrorCode, OpenFlags};
 use super::error::{Result, StoreError};
 
 /// The schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Migrations: `MIGRATIONS[n]` takes the schema from version `n` to `n + 1`.
-const MIGRATIONS: [&str; 3] = [V1, V2, V3];
+const MIGRATIONS: [&str; 4] = [V1, V2, V3, V4];
+
+/// Version 4, history blocks in files: a new block's bytes go to `DATA_DIR/history/` (see
+/// `block_files`), and its row says where (`file_no`, `file_at`, `file_len`) with a CRC-32
+/// (`file_crc`); `data` is then empty. Blocks written before, and what is left of a block
+/// after a replay took a record out of it, keep their bytes in `data` (`file_no` NULL).
+const V4: &str = "
+ALTER TABLE history_blocks ADD COLUMN file_no INTEGER;
+ALTER TABLE history_blocks ADD COLUMN file_at INTEGER;
+ALTER TABLE history_blocks ADD COLUMN file_len INTEGER;
+ALTER TABLE history_blocks ADD COLUMN file_crc INTEGER;
+";
 
 /// Version 3, history blocks: requests passed straight through are written many to a row, one
 /// row per history batch and session (see `blocks`), rather than a `requests` row each.

@@ -1469,3 +1469,103 @@ async fn blocks_are_pruned_by_age_and_go_with_their_session() {
     assert_eq!(count(&conn, "SELECT count(*) FROM history_provider_ids"), 0);
     assert_eq!(store.stored_bytes().await.unwrap(), 0);
 }
+
+/// The block files in `data_dir`, by name.
+fn block_file_names(data_dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(data_dir.join(block_files::DIR))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn history_blocks_keep_their_bytes_in_files_and_old_files_go_once_unused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open_with_one_session(tmp.path()).await;
+    let ok = || Outcome::Delivered(response(200, b"ok"));
+    let first = store
+        .record_exchanges(vec![exchange("s1", "/1", None, ok())])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    let conn = Connection::open(store.path()).unwrap();
+    // The row says where the block is; the database holds none of its bytes.
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT count(*) FROM history_blocks WHERE length(data) = 0 AND file_no = 1"
+        ),
+        1
+    );
+    assert_eq!(block_file_names(tmp.path()), vec!["0000000001.blocks"]);
+    let shown = store.get(first).await.unwrap().unwrap();
+    assert_eq!(&shown.body[..], b"{\"target\":\"/1\"}");
+    assert_eq!(&shown.response.unwrap().body[..], b"ok");
+
+    // A reopened store writes a new file; the old one is read as before.
+    store.close().await;
+    drop(store);
+    let store = open(tmp.path()).await;
+    let second = store
+        .record_exchanges(vec![exchange("s1", "/2", None, ok())])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    assert_eq!(
+        block_file_names(tmp.path()),
+        vec!["0000000001.blocks", "0000000002.blocks"]
+    );
+    let listed = store
+        .list("s1", &ListFilter::default(), Page::default())
+        .await
+        .unwrap();
+    let ids: Vec<RequestId> = listed.requests.iter().map(|r| r.id).collect();
+    assert_eq!(ids, vec![second, first]);
+
+    // Pruning the oldest block frees its file; the file being written stays.
+    let report = store
+        .prune(now_ms(), Duration::from_secs(3600), Some(1))
+        .await
+        .unwrap();
+    assert_eq!(report.by_size, 2, "{report:?}");
+    assert_eq!(block_file_names(tmp.path()), vec!["0000000002.blocks"]);
+    assert_eq!(store.get(first).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_block_whose_file_is_damaged_is_left_out_of_listings_and_named_when_shown() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open_with_one_session(tmp.path()).await;
+    let ok = || Outcome::Delivered(response(200, b"ok"));
+    let mut ids = Vec::new();
+    for target in ["/old", "/new"] {
+        let id = store
+            .record_exchanges(vec![exchange("s1", target, None, ok())])
+            .await
+            .unwrap()
+            .remove(0)
+            .unwrap();
+        ids.push(id);
+    }
+    // Flip one byte of the first block, as a power cut or a bad disk might.
+    let path = tmp.path().join(block_files::DIR).join("0000000001.blocks");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[0] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+
+    let listed = store
+        .list("s1", &ListFilter::default(), Page::default())
+        .await
+        .unwrap();
+    let listed: Vec<RequestId> = listed.requests.iter().map(|r| r.id).collect();
+    assert_eq!(listed, vec![ids[1]], "the readable block is still listed");
+    match store.get(ids[0]).await {
+        Err(StoreError::Files { detail, .. }) => assert!(detail.contains("checksum"), "{detail}"),
+        other => panic!("expected a history file error, got {other:?}"),
+    }
+    assert!(store.get(ids[1]).await.unwrap().is_some());
+}

@@ -15,6 +15,7 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
+use super::block_files::BlockFiles;
 use super::error::{Result, StoreError};
 use super::ids::IdGenerator;
 
@@ -24,6 +25,8 @@ pub(crate) struct WriterCtx {
     pub(crate) ids: IdGenerator,
     /// Bodies beyond this are cut in history (see `StoreOptions::record_max_body`).
     pub(crate) record_max_body: usize,
+    /// Where history blocks' bytes are written.
+    pub(crate) block_files: BlockFiles,
 }
 
 /// Called after the batch's commit with the commit's error, if any; answers the caller.
@@ -241,6 +244,9 @@ fn run(
     if let Err(err) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
         debug!(%err, "store: checkpoint at close failed");
     }
+    if let Err(err) = ctx.block_files.sync() {
+        warn!(%err, "store: cannot sync the history file at close");
+    }
     drop(conn);
     if let Some(done) = stop {
         let _ = done.send(());
@@ -272,6 +278,9 @@ fn run_batch(conn: &Connection, ctx: &mut WriterCtx, batch: &mut Vec<Job>, count
     counters.commands.fetch_add(count, Ordering::Relaxed);
     counters.committed.send_modify(|n| *n += 1);
     let commit_error = commit.err();
+    if commit_error.is_none() {
+        ctx.block_files.after_commit(conn);
+    }
     for answer in answers {
         answer(commit_error.as_deref());
     }
