@@ -202,9 +202,23 @@ impl BlockFiles {
 
 /// Reads the block at `location` from `dir`, checking its length and checksum.
 pub(crate) fn read(dir: &Path, location: Location) -> io::Result<Vec<u8>> {
-    let len = usize::try_from(location.len)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "block too large"))?;
     let file = File::open(file_path(dir, location.file))?;
+    // A damaged row must not make the reader allocate more than the file holds.
+    let size = file.metadata()?.len();
+    let len = match location.offset.checked_add(location.len) {
+        Some(end) if end <= size => usize::try_from(location.len).ok(),
+        _ => None,
+    }
+    .ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the block at {} of {} ends beyond the file's {size} bytes",
+                location.offset,
+                file_path(dir, location.file).display()
+            ),
+        )
+    })?;
     let mut data = vec![0; len];
     file.read_exact_at(&mut data, location.offset)?;
     if crc32fast::hash(&data) != location.crc {
@@ -267,8 +281,17 @@ mod tests {
         fs::write(&path, bytes).unwrap();
         let err = read(&dir, at).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
-        let short = Location { len: 100, ..at };
-        assert!(read(&dir, short).is_err(), "reading past the end fails");
+        let long = Location { len: 100, ..at };
+        let err = read(&dir, long).unwrap_err();
+        assert!(err.to_string().contains("beyond"), "{err}");
+        let huge = Location {
+            len: u64::MAX,
+            ..at
+        };
+        assert!(
+            read(&dir, huge).is_err(),
+            "no allocation of a damaged length"
+        );
     }
 
     #[test]
