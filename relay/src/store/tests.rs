@@ -1480,17 +1480,26 @@ fn block_file_names(data_dir: &Path) -> Vec<String> {
     names
 }
 
+/// Records one delivered exchange of `s1` to `target` in a batch of its own (its own block).
+async fn record_delivered(store: &Store, target: &str) -> RequestId {
+    store
+        .record_exchanges(vec![exchange(
+            "s1",
+            target,
+            None,
+            Outcome::Delivered(response(200, b"ok")),
+        )])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap()
+}
+
 #[tokio::test]
 async fn history_blocks_keep_their_bytes_in_files_and_old_files_go_once_unused() {
     let tmp = tempfile::tempdir().unwrap();
     let store = open_with_one_session(tmp.path()).await;
-    let ok = || Outcome::Delivered(response(200, b"ok"));
-    let first = store
-        .record_exchanges(vec![exchange("s1", "/1", None, ok())])
-        .await
-        .unwrap()
-        .remove(0)
-        .unwrap();
+    let first = record_delivered(&store, "/1").await;
     let conn = Connection::open(store.path()).unwrap();
     // The row says where the block is; the database holds none of its bytes.
     assert_eq!(
@@ -1509,12 +1518,7 @@ async fn history_blocks_keep_their_bytes_in_files_and_old_files_go_once_unused()
     store.close().await;
     drop(store);
     let store = open(tmp.path()).await;
-    let second = store
-        .record_exchanges(vec![exchange("s1", "/2", None, ok())])
-        .await
-        .unwrap()
-        .remove(0)
-        .unwrap();
+    let second = record_delivered(&store, "/2").await;
     assert_eq!(
         block_file_names(tmp.path()),
         vec!["0000000001.blocks", "0000000002.blocks"]
@@ -1540,17 +1544,10 @@ async fn history_blocks_keep_their_bytes_in_files_and_old_files_go_once_unused()
 async fn a_block_whose_file_is_damaged_is_left_out_of_listings_and_named_when_shown() {
     let tmp = tempfile::tempdir().unwrap();
     let store = open_with_one_session(tmp.path()).await;
-    let ok = || Outcome::Delivered(response(200, b"ok"));
-    let mut ids = Vec::new();
-    for target in ["/old", "/new"] {
-        let id = store
-            .record_exchanges(vec![exchange("s1", target, None, ok())])
-            .await
-            .unwrap()
-            .remove(0)
-            .unwrap();
-        ids.push(id);
-    }
+    let ids = [
+        record_delivered(&store, "/old").await,
+        record_delivered(&store, "/new").await,
+    ];
     // Flip one byte of the first block, as a power cut or a bad disk might.
     let path = tmp.path().join(block_files::DIR).join("0000000001.blocks");
     let mut bytes = std::fs::read(&path).unwrap();
