@@ -25,6 +25,8 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, OptionalExtension};
 use tracing::{debug, warn};
 
+use super::error::{Result, StoreError};
+
 /// The directory of block files, inside the data directory.
 pub(crate) const DIR: &str = "history";
 
@@ -159,7 +161,7 @@ impl BlockFiles {
 
     /// Deletes every file older than the oldest one a block refers to, except the one being
     /// written. Returns how many went.
-    pub(crate) fn collect(&mut self, conn: &Connection) -> crate::store::error::Result<usize> {
+    pub(crate) fn collect(&mut self, conn: &Connection) -> Result<usize> {
         // Blocks are written in id order: the oldest block names the oldest file in use.
         let oldest: Option<u64> = conn
             .prepare_cached(
@@ -192,11 +194,16 @@ impl BlockFiles {
         }
     }
 
-    fn io_error(&self, err: io::Error) -> crate::store::error::StoreError {
-        crate::store::error::StoreError::Files {
-            path: self.dir.clone(),
-            detail: err.to_string(),
-        }
+    fn io_error(&self, err: io::Error) -> StoreError {
+        error(&self.dir, err)
+    }
+}
+
+/// The store's error for block files in `dir`.
+pub(crate) fn error(dir: &Path, detail: impl std::fmt::Display) -> StoreError {
+    StoreError::Files {
+        path: dir.to_owned(),
+        detail: detail.to_string(),
     }
 }
 

@@ -14,6 +14,8 @@
 //! A block's bytes are in a file of `block_files` (the row says where), or, for blocks from
 //! before schema version 4 and what is left of a block after [`take_out`], in the row's `data`.
 
+use std::path::Path;
+
 use bytes::Bytes;
 use rusqlite::{params, Connection, Row};
 use tracing::warn;
@@ -53,16 +55,11 @@ fn block_data(conn: &Connection, row: &Row<'_>, at: usize) -> Result<Bytes> {
         len: row.get(at + 3)?,
         crc: row.get(at + 4)?,
     };
-    let dir = block_files::dir_of(conn).ok_or_else(|| StoreError::Files {
-        path: Default::default(),
-        detail: "the database has no directory".into(),
-    })?;
+    let dir = block_files::dir_of(conn)
+        .ok_or_else(|| block_files::error(Path::new(""), "the database has no directory"))?;
     block_files::read(&dir, location)
         .map(Bytes::from)
-        .map_err(|err| StoreError::Files {
-            path: dir,
-            detail: err.to_string(),
-        })
+        .map_err(|err| block_files::error(&dir, err))
 }
 
 /// Writes passed-through exchanges: one block per session among `items`, ids handed out in
@@ -128,13 +125,10 @@ pub(crate) fn write(
         let Some((first_id, last_id)) = range else {
             continue;
         };
-        let at = ctx
-            .block_files
-            .append(&block)
-            .map_err(|err| StoreError::Files {
-                path: ctx.block_files.dir().to_owned(),
-                detail: format!("cannot write a history block: {err}"),
-            })?;
+        let at = ctx.block_files.append(&block).map_err(|err| {
+            let detail = format!("cannot write a history block: {err}");
+            block_files::error(ctx.block_files.dir(), detail)
+        })?;
         conn.prepare_cached(
             "INSERT INTO history_blocks (first_id, last_id, session_id, count, stored_bytes, data,
                                          file_no, file_at, file_len, file_crc)
