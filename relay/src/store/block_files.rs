@@ -54,6 +54,8 @@ pub(crate) struct BlockFiles {
     dir: PathBuf,
     /// The number the next new file gets.
     next_file: u64,
+    /// No file below this number is left on disk.
+    first_file: u64,
     /// The file being appended to, its number and length.
     current: Option<(File, u64, u64)>,
     /// Whether files may be deleted after the next commit.
@@ -97,10 +99,13 @@ impl BlockFiles {
     pub(crate) fn open(data_dir: &Path) -> io::Result<BlockFiles> {
         let dir = data_dir.join(DIR);
         fs::create_dir_all(&dir)?;
-        let next_file = existing(&dir)?.into_iter().max().map_or(1, |n| n + 1);
+        let numbers = existing(&dir)?;
+        let next_file = numbers.iter().max().map_or(1, |n| n + 1);
+        let first_file = numbers.into_iter().min().unwrap_or(next_file);
         Ok(BlockFiles {
             dir,
             next_file,
+            first_file,
             current: None,
             collect_pending: false,
         })
@@ -173,12 +178,15 @@ impl BlockFiles {
         let keep_from = oldest
             .or(self.current.as_ref().map(|(_, file, _)| *file))
             .unwrap_or(self.next_file);
+        // Files are numbered in the order they were made: no need to list the directory.
         let mut removed = 0;
-        for file in existing(&self.dir).map_err(|e| self.io_error(e))? {
-            if file < keep_from {
-                fs::remove_file(file_path(&self.dir, file)).map_err(|e| self.io_error(e))?;
-                removed += 1;
+        while self.first_file < keep_from {
+            match fs::remove_file(file_path(&self.dir, self.first_file)) {
+                Ok(()) => removed += 1,
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => return Err(self.io_error(err)),
             }
+            self.first_file += 1;
         }
         if removed > 0 {
             debug!(removed, "store: old history files deleted");
