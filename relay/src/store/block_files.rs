@@ -165,8 +165,8 @@ impl BlockFiles {
     }
 
     /// Deletes every file older than the oldest one a block refers to, except the one being
-    /// written. Returns how many went.
-    pub(crate) fn collect(&mut self, conn: &Connection) -> Result<usize> {
+    /// written.
+    pub(crate) fn collect(&mut self, conn: &Connection) -> Result<()> {
         // Blocks are written in id order: the oldest block names the oldest file in use.
         let oldest: Option<u64> = conn
             .prepare_cached(
@@ -184,14 +184,14 @@ impl BlockFiles {
             match fs::remove_file(file_path(&self.dir, self.first_file)) {
                 Ok(()) => removed += 1,
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                Err(err) => return Err(self.io_error(err)),
+                Err(err) => return Err(error(&self.dir, err)),
             }
             self.first_file += 1;
         }
         if removed > 0 {
             debug!(removed, "store: old history files deleted");
         }
-        Ok(removed)
+        Ok(())
     }
 
     /// Syncs the file being written, so that a clean stop leaves every block on disk.
@@ -200,10 +200,6 @@ impl BlockFiles {
             Some((handle, _, _)) => handle.sync_data(),
             None => Ok(()),
         }
-    }
-
-    fn io_error(&self, err: io::Error) -> StoreError {
-        error(&self.dir, err)
     }
 }
 
